@@ -1,0 +1,36 @@
+# diffkiln — developer entry points. `make install` builds .venv with the CPU torch wheel and the package.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-fast lint format bench clean
+
+install: $(BIN)/diffkiln
+
+$(BIN)/diffkiln: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[export,dev]"
+	@touch $@
+
+test: install
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check diffkiln tests benchmarks tools
+	$(BIN)/ruff format --check diffkiln tests benchmarks tools
+
+format: install
+	$(BIN)/ruff format diffkiln tests benchmarks tools
+	$(BIN)/ruff check --fix diffkiln tests benchmarks tools
+
+bench: install
+	$(BIN)/python benchmarks/export_memory.py sd15 sdxl
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,202 @@
+"""torch → ONNX export of each component, with parity against PyTorch proven before anything is kept.
+
+Per component (one at a time, memory released in between):
+  build the torch module → reference outputs at two shapes → trace to ONNX (dynamic batch/height/width) →
+  fingerprint weights → free torch → map weights → run ONNX Runtime at both shapes → compare (fail hard).
+The whole kiln directory is staged in a temp folder and renamed into place only when every component passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from diffkiln import __version__, kiln
+from diffkiln.errors import DiffkilnError, OutputError
+from diffkiln.exporter.sources import MODULE_OF, Source
+from diffkiln.exporter.weight_map import fingerprint, lora_weights, map_weights
+from diffkiln.onnxio import consolidate_external_data, stamp_io_shapes
+from diffkiln.parity import MAX_REL_ERR, check, ort_session
+from diffkiln.specs import ComponentSpec, component_specs, dims
+
+DEFAULT_OPSET = 17
+OPSETS = range(14, 21)  # what torch's TorchScript-based exporter emits
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    components: tuple[str, ...] | None = None  # None: all of the pipeline's components
+    opset: int = DEFAULT_OPSET
+    force: bool = False
+    max_rel_err: float = MAX_REL_ERR["fp32"]
+
+
+def parity_dims(spec: ComponentSpec, num_down: int) -> list[dict[str, int]]:
+    """Two shapes: batch 1 square (the trace shape) and batch 2 non-square (proves the dynamic axes)."""
+    side = max(8, 2**num_down)
+    return [dims(1, side, side), dims(2, side, 2 * side)]
+
+
+def export(source: Source, out: Path, options: ExportOptions = ExportOptions(), log: Callable = print) -> dict:
+    """Export `source` into the kiln directory `out`; returns the manifest."""
+    out = Path(out)
+    specs = component_specs(source.info)
+    names = list(options.components or source.components)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise DiffkilnError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(specs)}")
+    if options.opset not in OPSETS:
+        raise DiffkilnError(f"--opset {options.opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
+    kiln.check_writable(out)
+    source_fp = source.fingerprint()
+    if out.exists() and not options.force:
+        if _up_to_date(out, source_fp, names, options.opset):
+            log(f"{out} is up to date with {source.ref} (use --force to re-export)")
+            return kiln.read_manifest(out)
+        if any(out.iterdir()):
+            raise OutputError(f"{out} already exists and holds another export; pass --force to replace it")
+
+    manifest = _manifest_head(source, source_fp, options)
+    weight_map = {}
+    with kiln.staged_dir(out) as tmp:
+        for name in names:
+            record, weight_map[name] = export_component(source, specs[name], tmp, options, log)
+            manifest["components"][name] = record
+        manifest["tokenizers"] = source.copy_tokenizers(tmp)
+        (tmp / "scheduler").mkdir()
+        kiln.write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config())
+        kiln.write_json(tmp / kiln.WEIGHT_MAP, weight_map)
+        kiln.write_json(tmp / kiln.MANIFEST, manifest)
+    return manifest
+
+
+def export_component(
+    source: Source, spec: ComponentSpec, root: Path, options: ExportOptions, log: Callable
+) -> tuple[dict, dict]:
+    """Export one component into root/<name>/model.onnx; returns (manifest record, weight map)."""
+    import torch
+
+    from diffkiln.exporter import wrappers  # torch modules: imported only when exporting
+
+    start = time.perf_counter()
+    cases = parity_dims(spec, source.info.num_down)
+    feeds = [spec.sample_inputs(d, source.info, seed=i) for i, d in enumerate(cases)]
+    model = wrappers.wrap(spec.name, source.load(MODULE_OF[spec.name]))
+    with torch.no_grad():
+        refs = [_run_torch(model, spec, f) for f in feeds]
+    keys = fingerprint(lora_weights(model, spec.name))
+
+    path = kiln.model_path(root, spec.name)
+    path.parent.mkdir(parents=True)
+    _trace(model, spec, feeds[0], path, options.opset)
+    del model
+    gc.collect()
+    external = consolidate_external_data(path)
+    stamp_io_shapes(path, {t.name: t.shape for t in spec.inputs + spec.outputs})
+    mapping, unmapped = map_weights(path, keys)
+    if unmapped:
+        log(f"warning: {spec.name}: {len(unmapped)} LoRA-touchable weights not found in the graph: {unmapped[:3]}")
+
+    session = ort_session(path)
+    results = []
+    for d, f, ref in zip(cases, feeds, refs, strict=True):
+        got = dict(zip(spec.output_names, session.run(spec.output_names, f), strict=True))
+        diffs = check("export", spec.name, got, ref, options.max_rel_err)
+        results.append({"dims": d, "outputs": {k: v.to_json() for k, v in diffs.items()}})
+    del session
+    gc.collect()
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": kiln.file_sha256(p)} for p in sorted(path.parent.iterdir())}
+    worst = max(o["rel_err"] for r in results for o in r["outputs"].values())
+    seconds = time.perf_counter() - start
+    size = sum(f["bytes"] for f in files.values())
+    log(f"{spec.name}: exported in {seconds:.1f} s, {size / 1e6:.1f} MB, parity rel err {worst:.2e}")
+    record = {
+        "path": f"{spec.name}/model.onnx",
+        "files": files,
+        "external_data": external,
+        "contract": spec.to_json(),
+        "parity": {"max_rel_err": options.max_rel_err, "worst_rel_err": worst, "cases": results},
+        "weights_mapped": len(mapping),
+        "weights_unmapped": unmapped,
+        "export_seconds": round(seconds, 2),
+    }
+    return record, mapping
+
+
+def _run_torch(model, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    args = [torch.from_numpy(feeds[n]) for n in spec.input_names]
+    out = model(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    return {n: o.detach().numpy() for n, o in zip(spec.output_names, out, strict=True)}
+
+
+def _trace(model, spec: ComponentSpec, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    import torch
+
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _manifest_head(source: Source, source_fp: str, options: ExportOptions) -> dict:
+    return {
+        "format_version": kiln.FORMAT_VERSION,
+        "created_by": f"diffkiln {__version__}",
+        "pipeline": source.info.to_json(),
+        "source": {"kind": source.kind, "ref": source.ref, "fingerprint": source_fp},
+        "opset": options.opset,
+        "precision": "fp32",
+        "exporter": "torch.onnx (TorchScript)",
+        "versions": _versions(),
+        "scheduler": "scheduler/scheduler_config.json",
+        "components": {},
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for pkg in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[pkg] = version(pkg)
+    return found
+
+
+def _up_to_date(out: Path, source_fp: str, names: list[str], opset: int) -> bool:
+    """Same source, components and opset, and every recorded file still has its recorded size."""
+    try:
+        manifest = kiln.read_manifest(out)
+    except DiffkilnError:
+        return False
+    if manifest.get("source", {}).get("fingerprint") != source_fp or manifest.get("opset") != opset:
+        return False
+    if sorted(manifest.get("components", {})) != sorted(names):
+        return False
+    for name, record in manifest["components"].items():
+        for fname, meta in record["files"].items():
+            f = out / name / fname
+            if not f.is_file() or f.stat().st_size != meta["bytes"]:
+                return False
+    return True

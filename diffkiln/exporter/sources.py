@@ -1,0 +1,267 @@
+"""Model sources, all offline: a local diffusers folder or a built-in preset.
+
+A source answers four questions the exporter asks: what pipeline is this (`info`), give me module X (`load`),
+where are its tokenizers, and what is its scheduler config. Modules are built one at a time so a big pipeline
+never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from diffkiln import __version__
+from diffkiln.errors import SourceError
+from diffkiln.exporter.presets import PRESETS, SEED, TOKENIZER_DIR, Preset, tokenizer_eos_id
+from diffkiln.specs import PipelineInfo
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# module (diffusers/transformers object) -> the exported components it yields
+MODULE_OF = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+
+
+def open_source(ref: str) -> Source:
+    """A preset name or a local diffusers folder; anything else gets a one-line error saying what to pass."""
+    if ref in PRESETS:
+        return PresetSource(PRESETS[ref])
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return FolderSource(path)
+    presets = ", ".join(PRESETS)
+    if path.exists():
+        raise SourceError(f"{ref} is a file; SOURCE must be a diffusers model folder or a preset ({presets})")
+    if HUB_ID.match(ref):
+        raise SourceError(
+            f"'{ref}' looks like a Hugging Face hub id, but diffkiln works offline on local folders: "
+            f"download the model folder yourself and pass its path, or use a preset ({presets})"
+        )
+    raise SourceError(f"no such folder: {ref}; SOURCE must be a local diffusers folder or a preset ({presets})")
+
+
+class Source:
+    ref: str
+    kind: str  # preset | folder
+    info: PipelineInfo
+
+    @property
+    def components(self) -> list[str]:
+        names = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+        return [n for n in names if n != "text_encoder_2" or self.info.is_sdxl]
+
+    def load(self, module: str):
+        """The torch module (fp32, eval mode) named as in a diffusers folder: text_encoder[_2], unet, vae."""
+        raise NotImplementedError
+
+    def copy_tokenizers(self, out: Path) -> list[str]:
+        """Copy tokenizer folders into `out`; returns their names."""
+        raise NotImplementedError
+
+    def scheduler_config(self) -> dict:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash that changes whenever the weights or configs would."""
+        raise NotImplementedError
+
+
+class PresetSource(Source):
+    kind = "preset"
+
+    def __init__(self, preset: Preset):
+        self.preset = preset
+        self.ref = preset.name
+        texts = list(preset.text_encoders)
+        self.info = _info(preset.kind, preset.unet, preset.vae, texts, preset.scheduler, tokenizer_eos_id())
+
+    def load(self, module: str):
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        p = self.preset
+        # one seed per module, so a component's weights do not depend on what was built before it
+        offset = ["text_encoder", "text_encoder_2", "unet", "vae"].index(module)
+        torch.manual_seed(SEED + offset)
+        if module == "unet":
+            model = UNet2DConditionModel(**p.unet)
+        elif module == "vae":
+            model = AutoencoderKL(**p.vae)
+        else:
+            config = CLIPTextConfig(**_with_tokens(p.text_encoders[offset]))
+            model = CLIPTextModelWithProjection(config) if offset == 1 else CLIPTextModel(config)
+        return model.float().eval()
+
+    def copy_tokenizers(self, out: Path) -> list[str]:
+        names = ["tokenizer", "tokenizer_2"][: len(self.preset.text_encoders)]
+        for name in names:
+            shutil.copytree(TOKENIZER_DIR, out / name)
+        return names
+
+    def scheduler_config(self) -> dict:
+        return dict(self.preset.scheduler)
+
+    def fingerprint(self) -> str:
+        import torch
+
+        p = self.preset
+        blob = json.dumps([p.name, p.unet, p.vae, p.text_encoders, SEED, torch.__version__.split("+")[0]])
+        return "preset:" + hashlib.sha256((blob + __version__).encode()).hexdigest()[:32]
+
+
+def _with_tokens(text_config: dict) -> dict:
+    eos = tokenizer_eos_id()
+    return {**text_config, "eos_token_id": eos, "bos_token_id": eos - 1, "pad_token_id": eos}
+
+
+class FolderSource(Source):
+    """A diffusers folder: model_index.json plus one subfolder per module."""
+
+    kind = "folder"
+    REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        self.ref = str(self.path)
+        index_file = self.path / "model_index.json"
+        if not index_file.is_file():
+            raise SourceError(f"{path} has no model_index.json; pass a diffusers model folder or a preset name")
+        self.index = _read_json(index_file)
+        sdxl = "text_encoder_2" in self.index
+        required = self.REQUIRED + (("text_encoder_2", "tokenizer_2") if sdxl else ())
+        missing = [m for m in required if not (self.path / m).is_dir()]
+        if missing:
+            raise SourceError(
+                f"{path} is missing {', '.join(missing)}/; a diffusers folder needs {', '.join(required)}"
+            )
+        for weights in sorted(self.path.glob("*/*.safetensors")):
+            _check_safetensors(weights)
+        configs = {m: _read_json(self.path / m / "config.json") for m in ("unet", "vae", "text_encoder")}
+        texts = [configs["text_encoder"]]
+        if sdxl:
+            texts.append(_read_json(self.path / "text_encoder_2" / "config.json"))
+        scheduler = self.scheduler_config()
+        kind = "sdxl" if sdxl else ("sd2" if texts[0].get("hidden_size") == 1024 else "sd1")
+        eos = _read_json(self.path / "tokenizer" / "vocab.json").get("<|endoftext|>", 49407)
+        self.info = _info(kind, configs["unet"], configs["vae"], texts, scheduler, eos)
+
+    def load(self, module: str):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        folder = self.path / module
+        try:
+            if module == "unet":
+                model = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+            elif module == "vae":
+                model = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+            else:
+                cls = self.index.get(module, [None, "CLIPTextModel"])[1]
+                loader = CLIPTextModelWithProjection if cls == "CLIPTextModelWithProjection" else CLIPTextModel
+                model = loader.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # diffusers/transformers raise many kinds; the user needs one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"cannot load {module} from {folder}: {first}") from e
+        return model.float().eval()
+
+    def copy_tokenizers(self, out: Path) -> list[str]:
+        names = [n for n in ("tokenizer", "tokenizer_2") if (self.path / n).is_dir()]
+        for name in names:
+            shutil.copytree(self.path / name, out / name)
+        return names
+
+    def scheduler_config(self) -> dict:
+        path = self.path / "scheduler" / "scheduler_config.json"
+        return _read_json(path)
+
+    def fingerprint(self) -> str:
+        """sha256 over every config and weight file (weights are streamed, never held in memory)."""
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(self.path)).encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return "folder:" + h.hexdigest()[:32]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"missing {path}; the model folder is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path} is not valid JSON ({e.__class__.__name__}); the model folder is corrupt") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header and check every tensor lies inside the file, without loading the weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                f.get_slice(key)
+    except Exception as e:
+        raise SourceError(f"{path} is not a valid safetensors file ({e}); re-download or re-save it") from None
+
+
+def _info(kind: str, unet: dict, vae: dict, texts: list[dict], scheduler: dict, eos: int) -> PipelineInfo:
+    sdxl = kind == "sdxl"
+    n_down = len(unet.get("down_block_types", ())) - 1
+    return PipelineInfo(
+        kind=kind,
+        text_hidden=tuple(t.get("hidden_size", 512) for t in texts),
+        vocab_size=texts[0].get("vocab_size", 49408),
+        eos_token_id=eos,  # from the tokenizer: old CLIP configs say 2 and pool at argmax(ids) instead
+        cross_attention_dim=unet.get("cross_attention_dim", 768),
+        latent_channels=unet.get("in_channels", 4),
+        text_embeds_dim=texts[1].get("projection_dim", 0) if sdxl else 0,
+        time_ids_dim=6 if sdxl else 0,
+        sample_size=unet.get("sample_size", 64),
+        num_down=max(n_down, 0),
+        scaling_factor=vae.get("scaling_factor", 0.18215),
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+    )
+
+
+def save_as_folder(source: PresetSource, path: Path) -> Path:
+    """Write a preset as a standard diffusers folder (diffusers' `DiffusionPipeline.from_pretrained` loads it),
+    so references and other tools can run exactly the weights diffkiln exports."""
+    import diffusers
+
+    path = Path(path)
+    sdxl = source.info.is_sdxl
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", source.scheduler_config()["_class_name"]],
+    }
+    if sdxl:
+        index |= {
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "force_zeros_for_empty_prompt": True,
+        }
+    else:
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    path.mkdir(parents=True, exist_ok=True)
+    for module in {MODULE_OF[c] for c in source.components}:
+        source.load(module).save_pretrained(path / module)
+    source.copy_tokenizers(path)
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(source.scheduler_config(), indent=2))
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

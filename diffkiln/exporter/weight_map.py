@@ -1,0 +1,67 @@
+"""Map every LoRA-touchable torch weight to the ONNX initializer that holds it.
+
+Exporters rename and transpose weights (a Linear becomes MatMul with a folded `onnx::MatMul_123` = Wᵀ), so names
+cannot be trusted; values can. Each torch weight is fingerprinted as is and transposed, and each initializer is
+matched by (dtype, shape, content hash). LoRA folding and TensorRT refit read the result, `weight_map.json`:
+
+    {component: {torch_name: {"initializer": onnx_name, "transposed": bool}}}
+
+Torch names are the diffusers/transformers parameter names (e.g. `down_blocks.0.attentions.0.transformer_blocks.0
+.attn1.to_q.weight`, `text_model.encoder.layers.0.self_attn.q_proj.weight`), the names LoRA files refer to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from diffkiln.onnxio import iter_initializers, load_graph
+
+Key = tuple[str, tuple[int, ...], str]
+
+
+def _key(array: np.ndarray) -> Key:
+    data = np.ascontiguousarray(array)
+    return data.dtype.name, tuple(data.shape), hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+
+
+def lora_weights(module, component: str) -> dict[str, object]:
+    """{name: torch weight} for Linear and Conv layers and token embeddings (textual inversion)."""
+    import torch
+
+    from diffkiln.exporter.wrappers import torch_name
+
+    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
+    found = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, kinds) and getattr(sub, "weight", None) is not None:
+            if isinstance(sub, torch.nn.Embedding) and not name.endswith("token_embedding"):
+                continue
+            found[torch_name(component, name) + ".weight"] = sub.weight
+    return found
+
+
+def fingerprint(weights: dict[str, object]) -> dict[Key, list[tuple[str, bool]]]:
+    """Content keys of each weight and, for matrices, of its transpose."""
+    keys: dict[Key, list[tuple[str, bool]]] = {}
+    for name, w in weights.items():
+        array = w.detach().cpu().numpy()
+        keys.setdefault(_key(array), []).append((name, False))
+        if array.ndim == 2:
+            keys.setdefault(_key(array.T), []).append((name, True))
+    return keys
+
+
+def map_weights(onnx_path: Path, keys: dict[Key, list[tuple[str, bool]]]) -> tuple[dict[str, dict], list[str]]:
+    """Match initializers against the fingerprints; returns (weight map, torch names left unmapped)."""
+    model = load_graph(onnx_path)
+    mapping: dict[str, dict] = {}
+    for init_name, array in iter_initializers(model, onnx_path.parent):
+        for weight, transposed in keys.get(_key(array), []):
+            # two weights may hold the same values: an initializer that carries the weight's name wins
+            if weight not in mapping or init_name.endswith(weight):
+                mapping[weight] = {"initializer": init_name, "transposed": transposed}
+    wanted = {name for entries in keys.values() for name, _ in entries}
+    return dict(sorted(mapping.items())), sorted(wanted - mapping.keys())

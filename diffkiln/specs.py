@@ -1,0 +1,179 @@
+"""Component contracts: the one place where tensor names, dtypes, dynamic axes and shape profiles are spelled.
+
+The exporter traces with them, the builder turns their profiles into TensorRT optimization profiles, and the
+runtime feeds by them. Pure Python + numpy so every stage (and the slim runtime) can import it.
+
+Symbolic dims: `batch`, latent `height`/`width` (image size / 8), image `image_height`/`image_width`,
+`sequence` (always 77 for CLIP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SEQUENCE_LENGTH = 77
+VAE_SCALE = 8  # pixels per latent cell in every SD VAE
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic dims
+    values: str = "normal"  # how sample inputs are drawn: normal | timestep | tokens
+
+    def __post_init__(self):
+        # the sequence length is fixed: store it as a number so graphs and engines see 77, not a symbol
+        object.__setattr__(self, "shape", tuple(SEQUENCE_LENGTH if d == "sequence" else d for d in self.shape))
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What the stages need to know about a pipeline, independent of where its weights came from."""
+
+    kind: str  # sd1 | sd2 | sdxl
+    text_hidden: tuple[int, ...]  # hidden size of each text encoder (1 or 2)
+    vocab_size: int
+    eos_token_id: int
+    cross_attention_dim: int
+    latent_channels: int = 4
+    text_embeds_dim: int = 0  # SDXL: pooled projection size of text_encoder_2
+    time_ids_dim: int = 0  # SDXL: 6 (original size, crop top-left, target size)
+    sample_size: int = 64  # default latent size (image = 8×)
+    num_down: int = 3  # UNet downsamplings: latent sides must be multiples of 2**num_down
+    scaling_factor: float = 0.18215
+    prediction_type: str = "epsilon"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind == "sdxl"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # symbol -> (min, opt, max)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{tensor name: {axis: symbol}} for every symbolic axis, as torch.onnx.export wants it."""
+        axes = {}
+        for t in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if named:
+                axes[t.name] = named
+        return axes
+
+    def sample_inputs(self, dims: dict[str, int], info: PipelineInfo, seed: int) -> dict[str, np.ndarray]:
+        """Seeded random feeds at the given dims, drawn the way real inputs look."""
+        rng = np.random.default_rng(seed)
+        return {t.name: _draw(t, t.resolve(dims), info, rng) for t in self.inputs}
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": [_tensor_json(t) for t in self.inputs],
+            "outputs": [_tensor_json(t) for t in self.outputs],
+            "profile": {k: list(v) for k, v in self.profile.items()},
+        }
+
+
+def _tensor_json(t: TensorSpec) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+
+
+def _draw(t: TensorSpec, shape: tuple[int, ...], info: PipelineInfo, rng: np.random.Generator) -> np.ndarray:
+    if t.values == "timestep":
+        return rng.uniform(0, 999, size=shape).astype(t.dtype)
+    if t.values == "tokens":
+        # <bos> prompt tokens <eos> padding: a random prompt length per row, padded with eos as CLIP does
+        ids = rng.integers(0, info.eos_token_id - 1, size=shape)
+        for row in ids:
+            n = rng.integers(1, shape[-1] - 1)
+            row[0], row[n:] = info.eos_token_id - 1, info.eos_token_id
+        return ids.astype(t.dtype)
+    return rng.standard_normal(shape).astype(t.dtype)
+
+
+def dims(batch: int, height: int, width: int) -> dict[str, int]:
+    """All symbolic dims for a batch at a latent size."""
+    return {
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "image_height": height * VAE_SCALE,
+        "image_width": width * VAE_SCALE,
+        "sequence": SEQUENCE_LENGTH,
+    }
+
+
+def text_encoder_spec(name: str, hidden: int, *, with_projection: bool, projection_dim: int = 0) -> ComponentSpec:
+    """CLIP text encoder. Encoder 1 gives (last_hidden_state, pooler_output), SDXL's encoder 2 gives
+    (text_embeds, last_hidden_state); both also give the penultimate hidden state SDXL conditions on."""
+    seq = ("batch", "sequence", hidden)
+    pooled = TensorSpec("text_embeds", "float32", ("batch", projection_dim))
+    outputs = (pooled,) if with_projection else ()
+    outputs += (TensorSpec("last_hidden_state", "float32", seq),)
+    if not with_projection:
+        outputs += (TensorSpec("pooler_output", "float32", ("batch", hidden)),)
+    outputs += (TensorSpec("penultimate_hidden_state", "float32", seq),)
+    ids = TensorSpec("input_ids", "int32", ("batch", "sequence"), values="tokens")
+    return ComponentSpec(name, (ids,), outputs, profile={"batch": (1, 2, 8)})
+
+
+def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
+    """The contracts of every component of a pipeline, in export order."""
+    latent = ("batch", info.latent_channels, "height", "width")
+    image = ("batch", 3, "image_height", "image_width")
+    s = info.sample_size
+    spatial = {"height": (s // 2, s, 2 * s), "width": (s // 2, s, 2 * s)}
+    batch = {"batch": (1, 2, 8)}
+    specs = [text_encoder_spec("text_encoder", info.text_hidden[0], with_projection=False)]
+    if info.is_sdxl:
+        specs.append(
+            text_encoder_spec(
+                "text_encoder_2", info.text_hidden[1], with_projection=True, projection_dim=info.text_embeds_dim
+            )
+        )
+    unet_in = (
+        TensorSpec("sample", "float32", latent),
+        TensorSpec("timestep", "float32", ("batch",), values="timestep"),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", info.cross_attention_dim)),
+    )
+    if info.is_sdxl:
+        unet_in += (
+            TensorSpec("text_embeds", "float32", ("batch", info.text_embeds_dim)),
+            TensorSpec("time_ids", "float32", ("batch", info.time_ids_dim)),
+        )
+    specs += [
+        ComponentSpec("unet", unet_in, (TensorSpec("out_sample", "float32", latent),), {**batch, **spatial}),
+        ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latent_sample", "float32", latent),),
+            (TensorSpec("sample", "float32", image),),
+            {"batch": (1, 1, 8), **spatial},
+        ),
+        ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("sample", "float32", image),),
+            (TensorSpec("latent_parameters", "float32", ("batch", 2 * info.latent_channels, "height", "width")),),
+            {"batch": (1, 1, 8), **spatial},
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
