@@ -62,7 +62,10 @@ def main() -> None:
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
-    RESULTS.write_text(json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n")
+    # keep earlier presets' rows: each run updates only the presets it measured
+    old = json.loads(RESULTS.read_text())["runs"] if RESULTS.is_file() else []
+    runs = [r for r in old if r["preset"] not in {row["preset"] for row in rows}] + rows
+    RESULTS.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

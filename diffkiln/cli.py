@@ -77,5 +77,52 @@ def inspect(kiln_dir, as_json):
         render(summary, echo=click.echo)
 
 
+@main.command()
+@click.argument("prompt")
+@click.option("-m", "--model", help="Kiln directory, diffusers folder or preset (default: the embedded model).")
+@click.option("--negative", default="", help="Negative prompt.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option(
+    "--scheduler", default="euler", show_default=True, help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm."
+)
+@click.option(
+    "--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale (≤1: off)."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="numpy Generator seed for the initial noise.")
+@click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
+@click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
+@click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--image", "image_path", type=click.Path(path_type=Path), help="Init image for img2img.")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.8, show_default=True)
+@click.option("--latents", type=click.Path(path_type=Path), help="Initial noise [B,4,h,w] as .npy (instead of --seed).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@user_errors
+def run(
+    prompt, model, negative, steps, scheduler, guidance, seed, height, width, batch, image_path, strength, latents, out
+):
+    """Generate an image from PROMPT with ONNX Runtime (no torch at inference)."""
+    from diffkiln.models import resolve_model
+    from diffkiln.runtime.generate import generate
+
+    kiln_dir = resolve_model(model, log=lambda msg: click.echo(msg, err=True))
+    generate(
+        kiln_dir,
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        scheduler=scheduler,
+        guidance=guidance,
+        seed=seed,
+        height=height,
+        width=width,
+        batch=batch,
+        image_path=image_path,
+        strength=strength,
+        latents_path=latents,
+        out=out,
+        echo=lambda msg: click.echo(msg, err=True),
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 The exporter traces with them, the builder turns their profiles into TensorRT optimization profiles, and the
 runtime feeds by them. Pure Python + numpy so every stage (and the slim runtime) can import it.
 
-Symbolic dims: `batch`, latent `height`/`width` (image size / 8), image `image_height`/`image_width`,
-`sequence` (always 77 for CLIP).
+Symbolic dims: `batch`, latent `height`/`width` (image size / 8), image `image_height`/`image_width`, and the
+UNet's text `sequence` (77 per prompt chunk: prompts over 75 tokens are encoded in chunks whose embeddings are
+concatenated, so the UNet takes 77·n tokens). Text encoders always take exactly 77 tokens.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ class TensorSpec:
     dtype: str  # numpy dtype name
     shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic dims
     values: str = "normal"  # how sample inputs are drawn: normal | timestep | tokens
-
-    def __post_init__(self):
-        # the sequence length is fixed: store it as a number so graphs and engines see 77, not a symbol
-        object.__setattr__(self, "shape", tuple(SEQUENCE_LENGTH if d == "sequence" else d for d in self.shape))
 
     def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
@@ -111,29 +108,29 @@ def _draw(t: TensorSpec, shape: tuple[int, ...], info: PipelineInfo, rng: np.ran
     return rng.standard_normal(shape).astype(t.dtype)
 
 
-def dims(batch: int, height: int, width: int) -> dict[str, int]:
-    """All symbolic dims for a batch at a latent size."""
+def dims(batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]:
+    """All symbolic dims for a batch at a latent size, with `chunks` 77-token prompt chunks."""
     return {
         "batch": batch,
         "height": height,
         "width": width,
         "image_height": height * VAE_SCALE,
         "image_width": width * VAE_SCALE,
-        "sequence": SEQUENCE_LENGTH,
+        "sequence": SEQUENCE_LENGTH * chunks,
     }
 
 
 def text_encoder_spec(name: str, hidden: int, *, with_projection: bool, projection_dim: int = 0) -> ComponentSpec:
     """CLIP text encoder. Encoder 1 gives (last_hidden_state, pooler_output), SDXL's encoder 2 gives
     (text_embeds, last_hidden_state); both also give the penultimate hidden state SDXL conditions on."""
-    seq = ("batch", "sequence", hidden)
+    seq = ("batch", SEQUENCE_LENGTH, hidden)
     pooled = TensorSpec("text_embeds", "float32", ("batch", projection_dim))
     outputs = (pooled,) if with_projection else ()
     outputs += (TensorSpec("last_hidden_state", "float32", seq),)
     if not with_projection:
         outputs += (TensorSpec("pooler_output", "float32", ("batch", hidden)),)
     outputs += (TensorSpec("penultimate_hidden_state", "float32", seq),)
-    ids = TensorSpec("input_ids", "int32", ("batch", "sequence"), values="tokens")
+    ids = TensorSpec("input_ids", "int32", ("batch", SEQUENCE_LENGTH), values="tokens")
     return ComponentSpec(name, (ids,), outputs, profile={"batch": (1, 2, 8)})
 
 
@@ -162,7 +159,12 @@ def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
             TensorSpec("time_ids", "float32", ("batch", info.time_ids_dim)),
         )
     specs += [
-        ComponentSpec("unet", unet_in, (TensorSpec("out_sample", "float32", latent),), {**batch, **spatial}),
+        ComponentSpec(
+            "unet",
+            unet_in,
+            (TensorSpec("out_sample", "float32", latent),),
+            {**batch, **spatial, "sequence": (SEQUENCE_LENGTH, SEQUENCE_LENGTH, 3 * SEQUENCE_LENGTH)},
+        ),
         ComponentSpec(
             "vae_decoder",
             (TensorSpec("latent_sample", "float32", latent),),

@@ -36,8 +36,6 @@ def folder_copy(tiny_folder, tmp_path):
     return shutil.copytree(tiny_folder, tmp_path / "model")
 
 
-
-
 def _has_gpu() -> bool:
     import shutil as _shutil
     import subprocess

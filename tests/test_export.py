@@ -51,17 +51,17 @@ def test_graph_io_follows_the_contract(tiny_kiln):
 
     unet = load_graph(kiln.model_path(tiny_kiln, "unet")).graph
     assert shape(unet.input[0]) == ["batch", 4, "height", "width"] == shape(unet.output[0])
-    assert shape(unet.input[2]) == ["batch", 77, 32]
+    assert shape(unet.input[2]) == ["batch", "sequence", 32]
     text = load_graph(kiln.model_path(tiny_kiln, "text_encoder")).graph
     assert [shape(o) for o in text.output] == [["batch", 77, 32], ["batch", 32], ["batch", 77, 32]]
 
 
 @pytest.mark.parametrize("component", ["unet", "vae_decoder", "vae_encoder", "text_encoder"])
 def test_dynamic_shapes(tiny_kiln, component):
-    """Run the graph at a shape it was neither traced nor checked at: batch 3, latent 16×24."""
+    """Run the graph at a shape it was neither traced nor checked at: batch 3, latent 16×24, 3 prompt chunks."""
     source = open_source("tiny")
     spec = component_specs(source.info)[component]
-    feeds = spec.sample_inputs(dims(3, 16, 24), source.info, seed=7)
+    feeds = spec.sample_inputs(dims(3, 16, 24, chunks=3), source.info, seed=7)
     model = wrap(component, source.load(MODULE_OF[component]))
     with torch.no_grad():
         ref = export_module._run_torch(model, spec, feeds)
@@ -102,7 +102,7 @@ def test_tiny_sdxl_has_both_encoders_and_added_conditioning(tiny_sdxl_kiln):
         "text_embeds",
         "time_ids",
     ]
-    assert contracts["unet"]["inputs"][2]["shape"] == ["batch", 77, 64]
+    assert contracts["unet"]["inputs"][2]["shape"] == ["batch", "sequence", 64]
     assert [t["name"] for t in contracts["text_encoder_2"]["outputs"]] == [
         "text_embeds",
         "last_hidden_state",

@@ -14,17 +14,22 @@ def test_sdxl_contracts():
     assert unet.dynamic_axes() == {
         "sample": {0: "batch", 2: "height", 3: "width"},
         "timestep": {0: "batch"},
-        "encoder_hidden_states": {0: "batch"},
+        "encoder_hidden_states": {0: "batch", 1: "sequence"},
         "text_embeds": {0: "batch"},
         "time_ids": {0: "batch"},
         "out_sample": {0: "batch", 2: "height", 3: "width"},
     }
-    assert unet.profile == {"batch": (1, 2, 8), "height": (64, 128, 256), "width": (64, 128, 256)}
-    feeds = unet.sample_inputs(dims(2, 16, 24), SDXL, seed=0)
+    assert unet.profile == {
+        "batch": (1, 2, 8),
+        "height": (64, 128, 256),
+        "width": (64, 128, 256),
+        "sequence": (77, 77, 231),
+    }
+    feeds = unet.sample_inputs(dims(2, 16, 24, chunks=2), SDXL, seed=0)
     assert {k: v.shape for k, v in feeds.items()} == {
         "sample": (2, 4, 16, 24),
         "timestep": (2,),
-        "encoder_hidden_states": (2, 77, 2048),
+        "encoder_hidden_states": (2, 154, 2048),
         "text_embeds": (2, 1280),
         "time_ids": (2, 6),
     }

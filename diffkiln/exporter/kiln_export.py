@@ -39,9 +39,10 @@ class ExportOptions:
 
 
 def parity_dims(spec: ComponentSpec, num_down: int) -> list[dict[str, int]]:
-    """Two shapes: batch 1 square (the trace shape) and batch 2 non-square (proves the dynamic axes)."""
+    """Two shapes: batch 1 square with one prompt chunk (the trace shape), and batch 2 non-square with two
+    chunks (proves the dynamic axes)."""
     side = max(8, 2**num_down)
-    return [dims(1, side, side), dims(2, side, 2 * side)]
+    return [dims(1, side, side), dims(2, side, 2 * side, chunks=2)]
 
 
 def export(source: Source, out: Path, options: ExportOptions = ExportOptions(), log: Callable = print) -> dict:

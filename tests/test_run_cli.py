@@ -1,0 +1,96 @@
+"""`diffkiln run`: PNG out with its parameters, img2img, and one-line errors for bad input."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from diffkiln.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["run", *[str(a) for a in args]])
+
+
+def assert_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.output
+
+
+def test_txt2img_writes_png_with_parameters(tiny_kiln, tmp_path):
+    out = tmp_path / "x.png"
+    result = run("a red circle", "-m", tiny_kiln, "--steps", 4, "--seed", 3, "--negative", "blurry", "-o", out)
+    assert result.exit_code == 0, result.output
+    for stage in ("text encoding", "unet total (4 steps)", "unet per step", "vae decode", "total", "it/s"):
+        assert stage in result.output
+    with Image.open(out) as img:
+        assert img.size == (64, 64) and img.mode == "RGB"
+        text = img.text["parameters"]
+    assert text.startswith("a red circle\nNegative prompt: blurry\nSteps: 4, Sampler: euler, CFG scale: 7.5, Seed: 3")
+    assert "Size: 64x64" in text
+
+
+def test_batch_and_latents_file(tiny_kiln, tmp_path):
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 16), dtype=np.float32)
+    np.save(tmp_path / "noise.npy", latents)
+    args = ("a cat", "-m", tiny_kiln, "--steps", 3, "--scheduler", "ddim", "--width", 128, "--batch", 2)
+    result = run(*args, "--latents", tmp_path / "noise.npy", "-o", tmp_path / "b.png")
+    assert result.exit_code == 0, result.output
+    first = np.asarray(Image.open(tmp_path / "b-0.png"))
+    assert first.shape == (64, 128, 3) and (tmp_path / "b-1.png").is_file()
+    again = run(*args, "--latents", tmp_path / "noise.npy", "--seed", 99, "-o", tmp_path / "c.png")
+    assert again.exit_code == 0
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "c-0.png")))  # latents win over the seed
+
+
+def test_img2img(tiny_kiln, tmp_path):
+    Image.new("RGB", (70, 66), (200, 30, 30)).save(tmp_path / "init.png")
+    out = tmp_path / "i.png"
+    result = run("a cat", "-m", tiny_kiln, "--image", tmp_path / "init.png", "--strength", 0.5, "--steps", 6, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "unet total (3 steps)" in result.output and "vae encode" in result.output
+    assert Image.open(out).size == (64, 64)  # rounded down to a multiple of 8
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--scheduler", "plms"), "unknown scheduler 'plms'"),
+        (("--height", 60), "--height 60 is not a multiple of 8"),
+        (("--width", 72), "--width 72 must be a positive multiple of 16"),
+        (("--image", "{tmp}/notes.txt"), "is not an image Pillow can read"),
+        (("--latents", "{tmp}/notes.txt"), "is not a .npy array file"),
+        (("-o", "{tmp}/missing/x.png"), "folder {tmp}/missing does not exist"),
+    ],
+)
+def test_bad_input(tiny_kiln, tmp_path, args, fragment):
+    (tmp_path / "notes.txt").write_text("not an image")
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    out = ["-o", tmp_path / "x.png"] if "-o" not in args else []
+    assert_error(run("a cat", "-m", tiny_kiln, "--steps", 2, *args, *out), fragment.format(tmp=tmp_path))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_nan_latents_name_the_stage(tiny_kiln, tmp_path):
+    np.save(tmp_path / "nan.npy", np.full((1, 4, 8, 8), np.nan, dtype=np.float32))
+    result = run("a cat", "-m", tiny_kiln, "--latents", tmp_path / "nan.npy", "-o", tmp_path / "x.png")
+    assert_error(result, "unet step 1 produced NaN/Inf values")
+
+
+def test_kiln_dir_missing_a_component(tiny_kiln, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(tiny_kiln, tmp_path / "k")
+    shutil.rmtree(broken / "vae_decoder")
+    assert_error(run("a cat", "-m", broken, "-o", tmp_path / "x.png"), "has no vae_decoder")
+
+
+def test_default_model_is_exported_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFKILN_CACHE", str(tmp_path / "cache"))
+    result = run("a photo", "--steps", 2, "-o", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    assert "exporting tiny into" in result.output
+    assert len(list((tmp_path / "cache" / "kilns").iterdir())) == 1
+    again = run("a photo", "--steps", 2, "-o", tmp_path / "y.png")
+    assert "exporting" not in again.output
