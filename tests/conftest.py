@@ -25,6 +25,14 @@ def tiny_sdxl_kiln(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd15_kiln(tmp_path_factory):
+    """The real SD1.5 architecture exported once per session (slow: ~2 minutes, ~4.5 GB RSS)."""
+    out = tmp_path_factory.mktemp("kilns") / "sd15"
+    export(open_source("sd15"), out, log=_quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """The tiny preset saved as a standard diffusers folder."""
     return save_as_folder(open_source("tiny"), tmp_path_factory.mktemp("folders") / "tiny")

@@ -112,3 +112,89 @@ def test_missing_component(tiny_kiln, tmp_path):
     shutil.rmtree(broken / "unet")
     with pytest.raises(KilnError, match="has no unet; re-export it"):
         Pipeline(broken)
+
+
+def test_v_prediction_matches_diffusers(tiny_folder, tmp_path):
+    """SD2.x-style v-prediction: the scheduler config says so, and both pipelines follow it."""
+    import json
+    import shutil
+
+    from diffkiln.exporter import export, open_source
+
+    folder = shutil.copytree(tiny_folder, tmp_path / "vpred")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    kiln_dir = tmp_path / "k"
+    export(open_source(str(folder)), kiln_dir, log=lambda _: None)
+    latents = noise((1, 4, 8, 8), seed=2)
+    ref = reference(folder, "ddim", prompt=PROMPT, num_inference_steps=5, height=64, width=64, latents=latents)
+    with Pipeline(kiln_dir) as pipe:
+        ours = pipe(GenerationParams(PROMPT, steps=5, scheduler="ddim", height=64, width=64, latents=latents)).images
+    assert psnr(ours, ref) >= 40
+
+
+def test_long_prompt_is_encoded_in_chunks(tiny_kiln, tiny_folder):
+    """A 100-token prompt: 2 chunks of 77, embeddings concatenated (154 tokens into the UNet), the negative prompt
+    padded to 2 chunks; equals diffusers fed the same concatenated embeddings."""
+    import diffusers
+    import torch
+
+    prompt = ", ".join(["a small red circle on a blue background"] * 12)
+    with Pipeline(tiny_kiln) as pipe:
+        cond, uncond = pipe.tokenizers[0].encode_pair([prompt], ["blurry"])
+        assert cond.shape == uncond.shape == (1, 2, 77)
+        context = pipe.encode_prompt(prompt, "blurry", 1, True, (64, 64))
+        assert context["encoder_hidden_states"].shape == (2, 154, 32)
+        latents = noise((1, 4, 8, 8), seed=4)
+        ours = pipe(GenerationParams(prompt, "blurry", steps=4, scheduler="euler", latents=latents)).images
+
+    ref_pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_folder)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref_pipe.scheduler.config)
+    with torch.no_grad():
+
+        def embed(ids):  # [1, n, 77] → [1, n·77, D]
+            return ref_pipe.text_encoder(torch.from_numpy(ids[0]).long())[0].reshape(1, -1, 32)
+
+        ref = ref_pipe(
+            prompt_embeds=embed(cond),
+            negative_prompt_embeds=embed(uncond),
+            num_inference_steps=4,
+            latents=torch.from_numpy(latents),
+            height=64,
+            width=64,
+            output_type="np",
+        ).images
+    assert psnr(ours, ref) >= 40
+
+
+@pytest.mark.slow
+def test_sd15_matches_diffusers(sd15_kiln):
+    """The real SD1.5 architecture (random weights) at a small size and few steps."""
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer
+
+    from diffkiln.exporter import open_source
+
+    source = open_source("sd15")
+    ref_pipe = diffusers.StableDiffusionPipeline(
+        vae=source.load("vae"),
+        text_encoder=source.load("text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(sd15_kiln / "tokenizer"),
+        unet=source.load("unet"),
+        scheduler=diffusers.DDIMScheduler.from_config(source.scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ref_pipe.set_progress_bar_config(disable=True)
+    latents = noise((1, 4, 16, 16), seed=3)
+    with torch.no_grad():
+        ref = ref_pipe(
+            PROMPT, num_inference_steps=4, height=128, width=128, latents=torch.from_numpy(latents), output_type="np"
+        ).images
+    del ref_pipe
+    with Pipeline(sd15_kiln) as pipe:
+        ours = pipe(GenerationParams(PROMPT, steps=4, scheduler="ddim", height=128, width=128, latents=latents)).images
+    assert psnr(ours, ref) >= 40
