@@ -78,6 +78,33 @@ def inspect(kiln_dir, as_json):
 
 
 @main.command()
+@click.argument("kiln_dir", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), required=True, help="What will run the graphs.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32 (fp16/int8 arrive later).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Default: KILN_DIR/optimized/<target>-<precision>.")
+@click.option("--force", is_flag=True, help="Replace an existing output / re-optimize even if up to date.")
+@user_errors
+def optimize(kiln_dir, target, precision, out, force):
+    """Rewrite every graph of KILN_DIR for a target (fusions counted, parity checked) and report what changed."""
+    from diffkiln.optimizers.optimize import default_out
+    from diffkiln.optimizers.optimize import optimize as run_optimize
+
+    report = run_optimize(kiln_dir, target, precision, out, force, log=lambda msg: click.echo(msg, err=True))
+    out = out or default_out(kiln_dir, target, precision)
+    click.echo(
+        f"{'component':16s} {'nodes':>15s}  {'attention':>9s} {'gelu':>5s} {'groupnorm':>9s} {'layernorm':>9s}  parity"
+    )
+    for name, c in report["components"].items():
+        counts = c["counts"]
+        nodes = f"{c['nodes_before']} → {c['nodes_after']}"
+        click.echo(
+            f"{name:16s} {nodes:>15s}  {counts.get('attention', 0):9d} {counts.get('gelu', 0):5d} "
+            f"{counts.get('groupnorm', 0):9d} {counts.get('layernorm', 0):9d}  {c['parity']['worst_rel_err']:.1e}"
+        )
+    click.echo(f"wrote {out}")
+
+
+@main.command()
 @click.argument("prompt")
 @click.option("-m", "--model", help="Kiln directory, diffusers folder or preset (default: the embedded model).")
 @click.option("--negative", default="", help="Negative prompt.")

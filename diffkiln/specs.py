@@ -53,6 +53,10 @@ class PipelineInfo:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> PipelineInfo:
+        return cls(**{**data, "text_hidden": tuple(data["text_hidden"])})
+
 
 @dataclass(frozen=True)
 class ComponentSpec:
@@ -118,6 +122,13 @@ def dims(batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]
         "image_width": width * VAE_SCALE,
         "sequence": SEQUENCE_LENGTH * chunks,
     }
+
+
+def parity_dims(info: PipelineInfo) -> list[dict[str, int]]:
+    """The two shapes every stage checks parity at: batch 1 square with one prompt chunk (the export's trace
+    shape), and batch 2 non-square with two chunks (proves the dynamic axes)."""
+    side = max(8, 2**info.num_down)
+    return [dims(1, side, side), dims(2, side, 2 * side, chunks=2)]
 
 
 def text_encoder_spec(name: str, hidden: int, *, with_projection: bool, projection_dim: int = 0) -> ComponentSpec:

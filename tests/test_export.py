@@ -10,11 +10,11 @@ from diffkiln.errors import OutputError, ParityError
 from diffkiln.exporter import ExportOptions, export, open_source
 from diffkiln.exporter import kiln_export as export_module
 from diffkiln.exporter.sources import MODULE_OF
-from diffkiln.exporter.weight_map import lora_weights
 from diffkiln.exporter.wrappers import wrap
 from diffkiln.onnxio import iter_initializers, load_graph
 from diffkiln.parity import ort_session
 from diffkiln.specs import component_specs, dims
+from diffkiln.weight_map import lora_weights
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 

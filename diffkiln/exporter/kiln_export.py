@@ -21,10 +21,10 @@ import numpy as np
 from diffkiln import __version__, kiln
 from diffkiln.errors import DiffkilnError, OutputError
 from diffkiln.exporter.sources import MODULE_OF, Source
-from diffkiln.exporter.weight_map import fingerprint, lora_weights, map_weights
 from diffkiln.onnxio import consolidate_external_data, stamp_io_shapes
 from diffkiln.parity import MAX_REL_ERR, check, ort_session
-from diffkiln.specs import ComponentSpec, component_specs, dims
+from diffkiln.specs import ComponentSpec, component_specs, parity_dims
+from diffkiln.weight_map import fingerprint, lora_weights, map_weights
 
 DEFAULT_OPSET = 17
 OPSETS = range(14, 21)  # what torch's TorchScript-based exporter emits
@@ -36,13 +36,6 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     force: bool = False
     max_rel_err: float = MAX_REL_ERR["fp32"]
-
-
-def parity_dims(spec: ComponentSpec, num_down: int) -> list[dict[str, int]]:
-    """Two shapes: batch 1 square with one prompt chunk (the trace shape), and batch 2 non-square with two
-    chunks (proves the dynamic axes)."""
-    side = max(8, 2**num_down)
-    return [dims(1, side, side), dims(2, side, 2 * side, chunks=2)]
 
 
 def export(source: Source, out: Path, options: ExportOptions = ExportOptions(), log: Callable = print) -> dict:
@@ -87,7 +80,7 @@ def export_component(
     from diffkiln.exporter import wrappers  # torch modules: imported only when exporting
 
     start = time.perf_counter()
-    cases = parity_dims(spec, source.info.num_down)
+    cases = parity_dims(source.info)
     feeds = [spec.sample_inputs(d, source.info, seed=i) for i, d in enumerate(cases)]
     model = wrappers.wrap(spec.name, source.load(MODULE_OF[spec.name]))
     with torch.no_grad():

@@ -65,3 +65,16 @@ def map_weights(onnx_path: Path, keys: dict[Key, list[tuple[str, bool]]]) -> tup
                 mapping[weight] = {"initializer": init_name, "transposed": transposed}
     wanted = {name for entries in keys.values() for name, _ in entries}
     return dict(sorted(mapping.items())), sorted(wanted - mapping.keys())
+
+
+def follow(mapping: dict[str, dict], old_path: Path, new_path: Path) -> tuple[dict[str, dict], list[str]]:
+    """The weight map of a rewritten graph: each mapped initializer is found again in `new_path` by value
+    (a pass may rename or move it). Returns (new map, torch names whose weight no longer exists as is)."""
+    by_init: dict[str, list[tuple[str, bool]]] = {}
+    for weight, entry in mapping.items():
+        by_init.setdefault(entry["initializer"], []).append((weight, entry["transposed"]))
+    keys: dict[Key, list[tuple[str, bool]]] = {}
+    for name, array in iter_initializers(load_graph(old_path), old_path.parent):
+        if name in by_init:
+            keys.setdefault(_key(array), []).extend(by_init[name])
+    return map_weights(new_path, keys)

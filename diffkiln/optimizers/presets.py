@@ -1,0 +1,75 @@
+"""Which passes run for which target, in which order, and which form each fusion takes there.
+
+- `ort-cpu`: ops ONNX Runtime's CPU provider really runs fast. Attention → com.microsoft MultiHeadAttention (see
+  `ort_cpu_attention` for the measured choice), GELU → com.microsoft Gelu; GroupNorm stays as torch exports it
+  (InstanceNormalization), which ORT's CPU kernels run faster than any fused form (none has a CPU kernel).
+- `tensorrt`: standard ONNX only, at opset 21: attention in the MatMul → Mul → Softmax → MatMul form TensorRT's
+  MHA fusion recognizes, GroupNormalization, ONNX Gelu.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import onnx_ir as ir
+import onnxscript.version_converter
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.optimizers.manager import Pass
+from diffkiln.optimizers.passes.attention import fuse_attention
+from diffkiln.optimizers.passes.cleanup import cleanup
+from diffkiln.optimizers.passes.gelu import fuse_gelu
+from diffkiln.optimizers.passes.groupnorm import fuse_groupnorm
+from diffkiln.optimizers.passes.layernorm import fuse_layernorm
+
+TARGETS = ("ort-cpu", "tensorrt")
+PRECISIONS = ("fp32",)
+TENSORRT_OPSET = 21
+
+
+def ort_cpu_attention(facts: dict) -> str:
+    """MultiHeadAttention for every attention kind (measured on the sd15 UNet: benchmarks/optimize_unet.py)."""
+    return "mha"
+
+
+def tensorrt_attention(facts: dict) -> str:
+    return "canonical"
+
+
+def to_opset(version: int) -> Pass:
+    def convert(model: ir.Model) -> int:
+        current = model.opset_imports.get("", 0)
+        if current >= version:
+            return 0
+        onnxscript.version_converter.convert_version(model, version)
+        return 1
+
+    return convert
+
+
+def preset(target: str, precision: str = "fp32", attention: str | None = None) -> list[tuple[str, Pass]]:
+    """The ordered (name, pass) list for a target; cleanup runs first (folds the shape chains the fusions read)
+    and last (drops what the fusions left dead). `attention` forces one attention form ("mha", "canonical",
+    "keep") for every attention — the benchmarks compare them with it."""
+    if target not in TARGETS:
+        raise DiffkilnError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise DiffkilnError(f"precision {precision!r} is not available yet; choose one of {', '.join(PRECISIONS)}")
+    forced = (lambda facts: attention) if attention else None
+    if target == "ort-cpu":
+        return [
+            ("cleanup", cleanup),
+            ("layernorm", fuse_layernorm),
+            ("attention", partial(fuse_attention, choose=forced or ort_cpu_attention)),
+            ("gelu", partial(fuse_gelu, domain="com.microsoft")),
+            ("final-cleanup", cleanup),
+        ]
+    return [
+        (f"opset-{TENSORRT_OPSET}", to_opset(TENSORRT_OPSET)),
+        ("cleanup", cleanup),
+        ("layernorm", fuse_layernorm),
+        ("attention", partial(fuse_attention, choose=forced or tensorrt_attention)),
+        ("groupnorm", fuse_groupnorm),
+        ("gelu", partial(fuse_gelu, domain="")),
+        ("final-cleanup", cleanup),
+    ]
