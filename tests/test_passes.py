@@ -57,7 +57,7 @@ def assert_parity(a, b, feeds, threshold=1e-5):
 # --------------------------------------------------------------------------------------------------- attention
 
 
-def attention_graph(heads=2, head_dim=4, cross=False, dynamic_scale=True, mask=False, heads_in_shape=True):
+def attention_graph(heads=2, head_dim=4, cross=False, dynamic_scale=True, mask=False, heads_in_shape=True, opset=17):
     """torch's SDPA export: q/k/v projections, [B, S, H, d] reshapes, √(1/√d) scales, softmax, output reshape."""
     width = heads * head_dim
     nodes, inits = [], []
@@ -107,7 +107,7 @@ def attention_graph(heads=2, head_dim=4, cross=False, dynamic_scale=True, mask=F
     inputs = [helper.make_tensor_value_info("x", F, ["B", 6, width])]
     if cross:
         inputs.append(helper.make_tensor_value_info("ctx", F, ["B", 5, width]))
-    return model(nodes, inputs, [helper.make_tensor_value_info("y", F, ["B", 6, width])], inits)
+    return model(nodes, inputs, [helper.make_tensor_value_info("y", F, ["B", 6, width])], inits, opset=opset)
 
 
 def attention_feeds(proto, cross=False):
@@ -118,7 +118,7 @@ def attention_feeds(proto, cross=False):
     return feeds
 
 
-@pytest.mark.parametrize("mode", ["mha", "canonical"])
+@pytest.mark.parametrize("mode", ["mha", "onnx", "canonical"])
 @pytest.mark.parametrize(
     "variant",
     [
@@ -130,7 +130,7 @@ def attention_feeds(proto, cross=False):
     ],
 )
 def test_attention_fusion(mode, variant):
-    proto = attention_graph(**variant)
+    proto = attention_graph(**variant, opset=23 if mode == "onnx" else 17)
     facts = []
     count, fused = rewrite(proto, fuse_attention, lambda f: facts.append(f) or mode)
     assert count == 1
@@ -140,6 +140,8 @@ def test_attention_fusion(mode, variant):
     after = ops(fused)
     if mode == "mha":
         assert after == {"MatMul": 3, "com.microsoft.MultiHeadAttention": 1}  # a constant mask's Unsqueeze folds
+    elif mode == "onnx":
+        assert after == {"MatMul": 3, "Attention": 1}
     else:
         assert after["Softmax"] == 1 and after["MatMul"] == 5 and after["Mul"] == 1
         assert "Shape" not in after and "Sqrt" not in after  # the runtime scale chain is gone

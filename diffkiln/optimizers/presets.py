@@ -57,7 +57,9 @@ def preset(target: str, precision: str = "fp32", attention: str | None = None) -
         raise DiffkilnError(f"precision {precision!r} is not available yet; choose one of {', '.join(PRECISIONS)}")
     forced = (lambda facts: attention) if attention else None
     if target == "ort-cpu":
+        upgrade = [("opset-23", to_opset(23))] if attention == "onnx" else []  # ONNX Attention is opset 23
         return [
+            *upgrade,
             ("cleanup", cleanup),
             ("layernorm", fuse_layernorm),
             ("attention", partial(fuse_attention, choose=forced or ort_cpu_attention)),

@@ -16,6 +16,7 @@ The scales sq, sk are constants or torch's runtime chain `√(1/√d)` computed 
 resolved to one number. Rewrites, chosen per target and per attention kind:
   - "mha": com.microsoft MultiHeadAttention(q, k, v, attention_bias=mask, num_heads=H, scale) — unpacked Q/K/V,
     which ONNX Runtime's CPU provider runs (packed QKV has no CPU kernel);
+  - "onnx": ONNX Attention (opset ≥ 23) on the same 3-D q, k, v with q_num_heads = kv_num_heads = H;
   - "canonical": the same computation in standard ONNX as MatMul → Mul(constant scale) → [Add mask] → Softmax →
     MatMul, with the shape-computing chains gone: the form TensorRT's MHA fusion recognizes.
 """
@@ -37,7 +38,7 @@ class SdpaAttention(pattern.RewriteRuleClassBase):
     def __init__(self, choose: Callable[[dict], str]):
         # remove_nodes=False: the query transpose also feeds the scale chain (Shape); dead-node cleanup drops both
         super().__init__(name="sdpa_attention", remove_nodes=False)
-        self.choose = choose  # attention facts → "mha" | "canonical" | "keep"
+        self.choose = choose  # attention facts → "mha" | "onnx" | "canonical" | "keep"
 
     def pattern(self, op, q, k, v, q_shape, k_shape, v_shape, q_scale, k_scale, mask, out_shape):
         q4 = op.Transpose(op.Reshape(q, q_shape), perm=[0, 2, 1, 3])
@@ -81,6 +82,8 @@ class SdpaAttention(pattern.RewriteRuleClassBase):
             return op.MultiHeadAttention(
                 q, k, v, None, None, bias, num_heads=self._heads, scale=self._scale, _domain="com.microsoft"
             )
+        if self._mode == "onnx":
+            return op.Attention(q, k, v, bias, q_num_heads=self._heads, kv_num_heads=self._heads, scale=self._scale)
         q4 = op.Transpose(op.Reshape(q, q_shape), perm=[0, 2, 1, 3])
         kt = op.Transpose(op.Reshape(k, k_shape), perm=[0, 2, 3, 1])
         v4 = op.Transpose(op.Reshape(v, v_shape), perm=[0, 2, 1, 3])

@@ -1,7 +1,7 @@
 """GroupNorm fusion: torch's export of GroupNorm through InstanceNormalization,
 
     n = InstanceNormalization(Reshape(x, [B, G, -1]), scale=1ᴳ, bias=0ᴳ, ε)
-    y = Reshape(n, Shape(x)) · γ[C,1,1] + β[C,1,1]
+    y = Reshape(n, Shape(x)) · γ[C,1,1] + β[C,1,1]      (γ, β [C,1] for 3-D x: the VAE attention's norm)
 
 rewritten to ONNX GroupNormalization(x, γ[C], β[C], ε, num_groups=G) — opset 21 semantics (per-channel scale),
 so the graph must be at opset ≥ 21. TensorRT runs it as one normalization layer. (ONNX Runtime's CPU provider has
@@ -30,8 +30,8 @@ class InstanceNormGroupNorm(pattern.RewriteRuleClassBase):
         unit, zero, g, b = (const(v) for v in (ones, zeros, gamma, beta))
         if unit is None or zero is None or not (np.all(unit == 1) and np.all(zero == 0)):
             return result.fail("the instance norm's own scale/bias are not 1 and 0")
-        if g is None or b is None or g.ndim != 3 or g.shape[1:] != (1, 1) or b.shape != g.shape:
-            return result.fail("γ/β are not constants of shape [C, 1, 1]")
+        if g is None or b is None or g.ndim < 2 or set(g.shape[1:]) != {1} or b.shape != g.shape:
+            return result.fail("γ/β are not constants of shape [C, 1, …]")
         if g.shape[0] % unit.size:
             return result.fail(f"{g.shape[0]} channels do not split into {unit.size} groups")
         self._groups, self._gamma, self._beta = unit.size, g.reshape(-1), b.reshape(-1)
