@@ -9,6 +9,8 @@ this one process on the same inputs: a warm-up call, then `--runs` timed calls; 
   ort-<form>    the ort-cpu preset with attention as MultiHeadAttention ("mha", the default choice),
                 the standard-ONNX canonical form, or left unfused ("keep")
 `--profile` adds ONNX Runtime's per-op-type time for one call of each ORT path (where the time goes).
+Efficiency: the UNet's FLOPs are counted once (torch's FlopCounterMode) and each path's achieved GFLOP/s is set
+against this machine's measured fp32 GEMM peak (a 2048² matmul on all cores, measured first).
 Sessions are created one at a time, so peak memory stays near one model plus activations.
 Results: benchmarks/results/optimize_unet.json.
 """
@@ -68,16 +70,28 @@ def ort_path(path: Path, feeds: dict, runs: int, profile: bool) -> dict:
     return result
 
 
+def gemm_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 GEMM throughput over a few repeats: the machine's practical peak."""
+    import numpy as np
+
+    a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in range(2))
+    best = min(timed(lambda: a @ b, repeats))
+    return 2 * n**3 / best / 1e9
+
+
 def torch_path(preset: str, feeds: dict, runs: int) -> dict:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     unet = open_source(preset).load("unet")
     args = [torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
     with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            unet(*args, return_dict=False)
         times = timed(lambda: unet(*args, return_dict=False), runs)
     unet = None
     gc.collect()
-    return {"times": times}
+    return {"times": times, "gflop": counter.get_total_flops() / 1e9}
 
 
 def main() -> None:
@@ -106,25 +120,35 @@ def main() -> None:
         print(f"optimized ({form}) in {time.perf_counter() - start:.1f} s")
         paths[f"ort-{form}"] = kiln.model_path(out, "unet")
 
+    peak = gemm_peak_gflops()
+    print(f"fp32 GEMM peak: {peak:.0f} GFLOP/s")
     results = {"torch": torch_path(args.preset, feeds, args.runs)}
+    gflop = results["torch"]["gflop"]
     for name, path in paths.items():
         results[name] = ort_path(path, feeds, args.runs, args.profile)
         print(f"{name}: median {statistics.median(results[name]['times']):.2f} s", flush=True)
 
     base = statistics.median(results["ort-plain"]["times"])
     print(f"\n{args.preset} UNet, batch {args.batch}, {args.size}², {args.runs} runs, {os.cpu_count()} threads")
-    print(f"{'path':14s} {'median s':>9s} {'min s':>7s} {'vs ort-plain':>13s} {'vs torch':>9s}")
+    print(f"{gflop:.0f} GFLOP per call; fp32 GEMM peak {peak:.0f} GFLOP/s")
+    columns = [("median s", 9), ("min s", 7), ("vs ort-plain", 13), ("vs torch", 9), ("GFLOP/s", 8), ("of peak", 8)]
+    print(f"{'path':14s} " + " ".join(f"{c:>{w}s}" for c, w in columns))
     torch_median = statistics.median(results["torch"]["times"])
     for name, r in results.items():
         median = statistics.median(r["times"])
         r["median_s"] = round(median, 3)
-        print(f"{name:14s} {median:9.2f} {min(r['times']):7.2f} {base / median:12.2f}× {torch_median / median:8.2f}×")
+        r["gflops"] = round(gflop / median, 1)
+        print(
+            f"{name:14s} {median:9.2f} {min(r['times']):7.2f} {base / median:12.2f}× {torch_median / median:8.2f}× "
+            f"{gflop / median:8.0f} {gflop / median / peak:7.0%}"
+        )
         for op, seconds in r.get("profile_s", {}).items():
             print(f"    {op:28s} {seconds:7.3f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()}
     config = {k: v for k, v in vars(args).items() if k != "kiln"}
-    RESULTS.write_text(json.dumps({"machine": machine, "config": config, "results": results}, indent=2) + "\n")
+    summary = {"machine": machine, "config": config, "gemm_peak_gflops": round(peak, 1), "unet_gflop": gflop}
+    RESULTS.write_text(json.dumps({**summary, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
