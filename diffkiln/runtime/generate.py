@@ -37,7 +37,7 @@ def generate(
             height = params.height or params.image.shape[0] // 8 * 8
             width = params.width or params.image.shape[1] // 8 * 8
             params.image = images.resize(params.image, height, width)
-        params.height, params.width = pipe._size(params)
+        params.height, params.width = pipe.size_for(params)
         result = _with_progress(pipe, params)
     paths = images.output_paths(out, params.batch)
     text = images.a1111_parameters(params, str(kiln_dir))

@@ -115,7 +115,7 @@ class Pipeline:
         """Generate `params.batch` images. `on_step(i, n)` is called after every denoising step."""
         start = time.perf_counter()
         timings = Timings()
-        height, width = self._size(params)
+        height, width = self.size_for(params)
         rng = np.random.default_rng(params.seed)
         shape = (params.batch, self.info["latent_channels"], height // VAE_SCALE, width // VAE_SCALE)
         noise = _initial_noise(params.latents, shape, rng)
@@ -205,7 +205,7 @@ class Pipeline:
         _check_finite(mean, "vae encode")
         return np.repeat(mean * self.info["scaling_factor"], batch, axis=0)
 
-    def _size(self, params: GenerationParams) -> tuple[int, int]:
+    def size_for(self, params: GenerationParams) -> tuple[int, int]:
         default = params.image.shape[:2] if params.image is not None else (self.native_size, self.native_size)
         height, width = params.height or default[0], params.width or default[1]
         multiple = VAE_SCALE * 2 ** self.info["num_down"]
