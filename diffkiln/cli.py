@@ -77,19 +77,94 @@ def inspect(kiln_dir, as_json):
         render(summary, echo=click.echo)
 
 
+def lora_options(fn):
+    """--lora FILE[:SCALE] … --embedding FILE[:TOKEN] … --allow-partial, shared by `lora` and `optimize`."""
+
+    def parse(parser):
+        def callback(ctx, param, values):
+            try:
+                return [parser(v) for v in values]
+            except DiffkilnError as e:
+                raise click.BadParameter(str(e)) from None
+
+        return callback
+
+    from diffkiln.lora.options import parse_embedding, parse_lora
+
+    options = [
+        click.option("--lora", "loras", multiple=True, callback=parse(parse_lora), help="LoRA FILE[:SCALE] (repeat)."),
+        click.option(
+            "--embedding",
+            "embeddings",
+            multiple=True,
+            callback=parse(parse_embedding),
+            help="Textual-inversion FILE[:TOKEN] (repeat).",
+        ),
+        click.option("--allow-partial", is_flag=True, help="Fold what fits and list what was skipped."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("kiln_dir", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), help="New kiln directory (optional with --refit-payload)."
+)
+@click.option("--refit-payload", type=click.Path(path_type=Path), help="Write the touched weights for TensorRT refit.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@lora_options
+@user_errors
+def lora(kiln_dir, out, refit_payload, force, loras, embeddings, allow_partial):
+    """Fold LoRAs (kohya/A1111 or diffusers/peft safetensors) and textual-inversion embeddings into KILN_DIR's
+    graphs, without re-exporting: W' = W + scale · (alpha / rank) · up @ down."""
+    from diffkiln.lora import fold_loras
+
+    if out is None and refit_payload is None:
+        raise click.UsageError("give -o OUT, --refit-payload FILE, or both")
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    report = fold_loras(
+        kiln_dir,
+        loras,
+        out,
+        embeddings=embeddings,
+        allow_partial=allow_partial,
+        refit_payload=refit_payload,
+        force=force,
+        log=log,
+    )
+    click.echo(f"folded {len(loras)} LoRA(s), {len(embeddings)} embedding(s) in {report['seconds']:.1f} s")
+    for path in (out, refit_payload):
+        if path is not None:
+            click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.argument("kiln_dir", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), required=True, help="What will run the graphs.")
 @click.option("--precision", default="fp32", show_default=True, help="fp32 (fp16/int8 arrive later).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Default: KILN_DIR/optimized/<target>-<precision>.")
 @click.option("--force", is_flag=True, help="Replace an existing output / re-optimize even if up to date.")
+@lora_options
 @user_errors
-def optimize(kiln_dir, target, precision, out, force):
-    """Rewrite every graph of KILN_DIR for a target (fusions counted, parity checked) and report what changed."""
+def optimize(kiln_dir, target, precision, out, force, loras, embeddings, allow_partial):
+    """Rewrite every graph of KILN_DIR for a target (fusions counted, parity checked) and report what changed.
+
+    With --lora/--embedding, the optimized graphs (cached in KILN_DIR/optimized/) get them folded in, into OUT."""
     from diffkiln.optimizers.optimize import default_out
     from diffkiln.optimizers.optimize import optimize as run_optimize
 
-    report = run_optimize(kiln_dir, target, precision, out, force, log=lambda msg: click.echo(msg, err=True))
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    folding = bool(loras or embeddings)
+    if folding and out is None:
+        raise click.UsageError("--lora/--embedding need -o OUT (the optimized graphs stay cached without them)")
+    optimized = default_out(kiln_dir, target, precision) if folding else out
+    report = run_optimize(kiln_dir, target, precision, optimized, force and not folding, log=log)
+    if folding:
+        from diffkiln.lora import fold_loras
+
+        fold_loras(optimized, loras, out, embeddings=embeddings, allow_partial=allow_partial, force=force, log=log)
     out = out or default_out(kiln_dir, target, precision)
     click.echo(
         f"{'component':16s} {'nodes':>15s}  {'attention':>9s} {'gelu':>5s} {'groupnorm':>9s} {'layernorm':>9s}  parity"

@@ -19,6 +19,7 @@ import numpy as np
 
 from diffkiln import kiln
 from diffkiln.errors import DiffkilnError, KilnError
+from diffkiln.lora.embeddings import expand_prompt, multi_vector_tokens
 from diffkiln.runtime import schedulers
 from diffkiln.runtime.runners import OrtRunner, Runner
 from diffkiln.runtime.tokenizer import ClipTokenizer
@@ -90,6 +91,7 @@ class Pipeline:
         for name in [*encoders, "unet", "vae_decoder"]:
             _require(self.kiln_dir, self.manifest, name)
         self.tokenizers = [ClipTokenizer.from_dir(self.kiln_dir / t) for t in self.manifest["tokenizers"]]
+        self.multi_vector = multi_vector_tokens(self.manifest)  # textual inversions folded in with several vectors
         self.scheduler_config = json.loads((self.kiln_dir / self.manifest["scheduler"]).read_text())
         self.runners: dict[str, Runner] = {
             name: runner_factory(kiln.model_path(self.kiln_dir, name)).activate()
@@ -169,6 +171,7 @@ class Pipeline:
     def encode_prompt(self, prompt: str, negative: str, batch: int, cfg: bool, size: tuple[int, int]) -> dict:
         """UNet conditioning feeds, rows ordered [uncond × B; cond × B] when guidance is on."""
         tok = self.tokenizers[0]
+        prompt, negative = (expand_prompt(p, self.multi_vector) for p in (prompt, negative))
         n = max(t.n_chunks([prompt, negative]) for t in self.tokenizers)
         hidden, pooled = [], None
         for name, tokenizer in zip(["text_encoder", "text_encoder_2"], self.tokenizers, strict=False):
