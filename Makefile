@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast lint format bench clean
+.PHONY: install test test-fast lint format bench bench-export clean
 
 install: $(BIN)/diffkiln
 
@@ -30,6 +30,9 @@ format: install
 	$(BIN)/ruff check --fix diffkiln tests benchmarks tools
 
 bench: install
+	$(BIN)/python benchmarks/bench_sd15_256.py
+
+bench-export: install
 	$(BIN)/python benchmarks/export_memory.py sd15 sdxl
 
 clean:

@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 from diffkiln import __version__
+from diffkiln.bench import bench_command
+from diffkiln.bench import click_options as bench_options
 from diffkiln.errors import DiffkilnError
 
 
@@ -224,6 +226,17 @@ def run(
         out=out,
         echo=lambda msg: click.echo(msg, err=True),
     )
+
+
+@main.command()
+@click.argument("source", required=False)
+@bench_options
+@user_errors
+def bench(source, **options):
+    """Benchmark the PyTorch reference and every diffkiln path side by side on the same prompts, seeds and
+    latents (SOURCE: preset, diffusers folder or kiln dir; default: the embedded model); writes report.md,
+    report.json and plots."""
+    bench_command(source, **options, echo=lambda msg: click.echo(msg, err=True))
 
 
 if __name__ == "__main__":

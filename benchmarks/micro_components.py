@@ -1,0 +1,32 @@
+"""Micro-benchmarks: one UNet call (a CFG step: 2 rows) and one VAE decode per path, on identical seeded inputs,
+interleaved across paths — where the end-to-end differences come from.
+
+    .venv/bin/python benchmarks/micro_components.py [--source sd15|KILN_DIR] [--height 512] [--paths a,b] [--runs N]
+
+Results: benchmarks/results/micro_<source>_<height>/ (micro.md, micro.json) — not committed.
+"""
+
+import re
+from pathlib import Path
+
+from diffkiln.bench.micro import run_micro
+from diffkiln.bench.script import parse
+
+SETTINGS = {
+    "source": "sd15",
+    "paths": "torch-fp32,torch-bf16,ort-fp32,ort-opt,ort-fp16,ort-int8,ort-sdopt,openvino,trt-fp16",
+    "height": 512,
+    "width": 512,
+    "batch": 1,
+    "guidance": 7.5,  # > 1: the UNet runs on [uncond; cond], 2·batch rows, as in a guided step
+    "runs": 5,
+    "warmup": 1,
+    "report": None,  # default: benchmarks/results/micro_<source>_<height>
+}
+
+if __name__ == "__main__":
+    s = parse(SETTINGS, __doc__.split("\n\n")[0])
+    slug = re.sub(r"[^\w.-]+", "_", Path(s["source"]).name)
+    report = s["report"] or Path(__file__).parent / "results" / f"micro_{slug}_{s['height']}"
+    keys = ("height", "width", "batch", "guidance", "runs", "warmup", "one_at_a_time")
+    run_micro(s["source"], s["paths"], report_dir=report, **{k: s[k] for k in keys})

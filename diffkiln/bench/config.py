@@ -1,0 +1,111 @@
+"""What one bench measures: the generation settings every path shares, and the jobs sent to each path.
+
+Every path gets the same jobs: prompt i starts from the same initial noise,
+`numpy.random.default_rng(seed + i).standard_normal((batch, 4, h, w), float32)`, which diffusers takes as `latents=`
+and diffkiln as `GenerationParams.latents`; with a deterministic sampler both should then draw the same image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffkiln.errors import DiffkilnError
+from diffkiln.runtime.schedulers import SAMPLERS
+from diffkiln.specs import VAE_SCALE
+
+DEFAULT_PROMPTS = (
+    "a small red circle on a blue background, top left",
+    "a large yellow triangle on a black background, center",
+)
+STOCHASTIC = ("euler_a", "lcm")  # samplers that draw fresh noise every step: fidelity compares different noise
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    height: int | None = None  # None: the model's native size
+    width: int | None = None
+    steps: int = 20
+    batch: int = 1
+    scheduler: str = "euler"
+    guidance: float = 7.5
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    negative: str = ""
+    runs: int = 3
+    warmup: int = 1
+    seed: int = 0
+
+    def check(self) -> None:
+        """Refuse settings no path could run, before any work starts."""
+        if self.scheduler not in SAMPLERS:
+            raise DiffkilnError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % VAE_SCALE):
+                raise DiffkilnError(f"--{name} {value} must be a positive multiple of {VAE_SCALE}")
+        if self.steps < 1 or self.batch < 1 or self.runs < 1 or self.warmup < 0:
+            raise DiffkilnError("--steps, --batch and --runs must be ≥ 1, --warmup ≥ 0")
+        if not self.prompts:
+            raise DiffkilnError("no prompts: give at least one")
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance > 1.0
+
+    @property
+    def deterministic(self) -> bool:
+        return self.scheduler not in STOCHASTIC
+
+    def sized(self, native: int) -> BenchConfig:
+        """This config with the model's native size filled in where none was given."""
+        return BenchConfig(**{**self.__dict__, "height": self.height or native, "width": self.width or native})
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation: what a worker needs, identical for every path."""
+
+    prompt: str
+    negative: str
+    latents: np.ndarray = field(repr=False)  # [batch, C, h, w] float32
+    steps: int
+    scheduler: str
+    guidance: float
+    height: int
+    width: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.latents)
+
+
+def jobs(config: BenchConfig, latent_channels: int) -> list[Job]:
+    """One job per prompt, each with its own seeded initial noise (config must be sized)."""
+    shape = (config.batch, latent_channels, config.height // VAE_SCALE, config.width // VAE_SCALE)
+    return [
+        Job(
+            prompt=prompt,
+            negative=config.negative,
+            latents=np.random.default_rng(config.seed + i).standard_normal(shape, dtype=np.float32),
+            steps=config.steps,
+            scheduler=config.scheduler,
+            guidance=config.guidance,
+            height=config.height,
+            width=config.width,
+        )
+        for i, prompt in enumerate(config.prompts)
+    ]
+
+
+def read_prompts(path: Path) -> tuple[str, ...]:
+    """A prompts file: one prompt per line; blank lines and lines starting with # are ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DiffkilnError(f"cannot read prompts from {path}: {e}") from None
+    prompts = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not prompts:
+        raise DiffkilnError(f"{path} holds no prompts (one per line; # starts a comment)")
+    return prompts
