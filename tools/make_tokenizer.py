@@ -14,10 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from diffkiln.runtime.tokenizer import clip_text_pipeline
 
 VOCAB_SIZE = 1000  # an upper bound: must stay <= the tiny presets' text-encoder vocab_size
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 COLORS = "red green blue yellow orange purple pink brown black white gray cyan magenta gold silver teal".split()
 SHAPES = "circle square triangle star hexagon diamond cross ring heart moon cube sphere".split()
@@ -39,17 +40,7 @@ def corpus():
 
 
 def train() -> Tokenizer:
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-    )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
+    tok = clip_text_pipeline(Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="")))
     trainer = trainers.BpeTrainer(
         vocab_size=2 * VOCAB_SIZE,  # trained long, then cut to the budget below
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -162,6 +162,22 @@ def _as_prompt_list(prompts: str | Sequence[str], what: str = "prompts") -> list
     return out
 
 
+def clip_text_pipeline(tok: Tokenizer) -> Tokenizer:
+    """Give a BPE `Tokenizer` CLIP's text handling: NFC, whitespace runs → one space, lowercase; CLIP's split
+    regex, then byte-level symbols; byte-level decoding. (tools/make_tokenizer.py trains through the same.)"""
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer that gives the same ids as transformers' ``CLIPTokenizer``, built on `tokenizers` only.
 
@@ -211,16 +227,7 @@ class ClipTokenizer:
                 unk_token=named["unk"].content,
             )
         )
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
-        )
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False),
-            ]
-        )
-        tok.decoder = decoders.ByteLevel()
+        clip_text_pipeline(tok)
         # transformers' order: the added tokens, then the named ones they do not cover (bos, eos, unk, pad). When
         # several named tokens share a text (eos = unk = pad), `tokenizers` keeps the flags of the last one.
         covered = {t.content for t in added_tokens}
