@@ -136,3 +136,17 @@ def test_sd15_optimizes_with_the_expected_counts(sd15_kiln, tmp_path, target):
         "vae_encoder": (1, 0, groupnorms.get("vae_encoder", 0)),
     }
     assert all(c["parity"]["worst_rel_err"] <= 1e-4 for c in report.values())
+
+
+def test_stale_output_of_the_same_kind_is_replaced(tiny_kiln, tmp_path):
+    """A cached optimize output whose source kiln changed is redone without --force (it is ours to replace)."""
+    import shutil
+
+    base = shutil.copytree(tiny_kiln, tmp_path / "k")
+    out, messages = tmp_path / "o", []
+    optimize(base, "ort-cpu", out=out, log=messages.append)
+    manifest = json.loads((base / kiln.MANIFEST).read_text())
+    kiln.write_json(base / kiln.MANIFEST, {**manifest, "note": "changed"})
+    optimize(base, "ort-cpu", out=out, log=messages.append)
+    assert f"{out} is stale (its source kiln changed): re-optimizing" in messages
+    assert json.loads((out / REPORT).read_text())["source_manifest"] == kiln.file_sha256(base / kiln.MANIFEST)

@@ -58,12 +58,14 @@ def optimize(
         "attention": attention or "default",
     }
     if out.exists() and not force:
-        previous = _read_report(out)
-        if previous and all(previous.get(k) == v for k, v in stamp.items()):
+        previous = _read_report(out) or {}
+        if all(previous.get(k) == v for k, v in stamp.items()):
             log(f"{out} is up to date (use --force to re-optimize)")
             return previous
-        if any(out.iterdir()):
+        same_kind = all(previous.get(k) == stamp[k] for k in ("target", "precision", "attention"))
+        if not same_kind and any(out.iterdir()):
             raise OutputError(f"{out} already exists and holds something else; pass --force to replace it")
+        log(f"{out} is stale (its source kiln changed): re-optimizing")
 
     info = PipelineInfo.from_json(manifest["pipeline"])
     specs = component_specs(info)
