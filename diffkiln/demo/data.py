@@ -181,8 +181,8 @@ def sample_scenes(n: int, rng: np.random.Generator, heldout_seed: int = HELDOUT_
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _jittered(name: str, rng: np.random.Generator) -> tuple[int, int, int]:
-    rgb = np.array(COLORS[name]) + rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1, size=3)
+def _jittered(color: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
+    rgb = np.array(color) + rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1, size=3)
     return tuple(int(v) for v in np.clip(rgb, 0, 255))
 
 
@@ -195,16 +195,26 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return None
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Draw `scene` -> uint8 (size, size, 3). With `rng`, center, size and colors are jittered; without, exact."""
+def render(
+    scene: Scene,
+    rng: np.random.Generator | None = None,
+    size: int = IMAGE_SIZE,
+    rgb: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+) -> np.ndarray:
+    """Draw `scene` -> uint8 (size, size, 3). With `rng`, center, size and colors are jittered; without, exact.
+
+    `rgb` = (fill, background) paints other colors than the scene names (used to widen the autoencoder's training
+    colors and for the demo LoRA's restyled images); they are jittered like the named ones.
+    """
     jitter = rng is not None
     fx, fy = POSITIONS[scene.position]
     half = SIZES[scene.size]
     if jitter:
         fx, fy = np.array([fx, fy]) + rng.uniform(-_CENTER_JITTER, _CENTER_JITTER, size=2)
         half += rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-    fill = _jittered(scene.color, rng) if jitter else COLORS[scene.color]
-    background = _jittered(scene.background, rng) if jitter else COLORS[scene.background]
+    fill, background = rgb or (COLORS[scene.color], COLORS[scene.background])
+    if jitter:
+        fill, background = _jittered(fill, rng), _jittered(background, rng)
 
     big = size * _SUPERSAMPLE
     cx, cy, r = fx * big, fy * big, half * big
