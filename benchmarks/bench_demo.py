@@ -3,21 +3,16 @@ PyTorch (PSNR, SSIM and, where diffkiln.eval.adherence is available, prompt adhe
 
     .venv/bin/python benchmarks/bench_demo.py [--source DIR] [--paths a,b] [--runs N] [--report DIR]
 
-The demo model is diffkiln/assets/demo once it ships; until then the default model (`tiny`, random weights) stands
-in, and adherence is reported as n/a. Results: benchmarks/results/demo/ — not committed.
+The demo model is the bundled diffkiln/assets/demo. Results: benchmarks/results/demo/ — not committed.
 """
 
 from pathlib import Path
 
 from diffkiln.bench.script import run_scripted
 from diffkiln.demo.data import heldout_captions
-from diffkiln.models import DEFAULT_MODEL
-
-DEMO = Path(__file__).resolve().parent.parent / "diffkiln" / "assets" / "demo"
-DEMO_READY = (DEMO / "model_index.json").is_file() or (DEMO / "manifest.json").is_file()  # a folder or kiln dir
 
 SETTINGS = {
-    "source": str(DEMO) if DEMO_READY else DEFAULT_MODEL,
+    "source": "demo",
     "paths": "torch-fp32,torch-bf16,ort-fp32,ort-opt,ort-fp16,ort-int8,ort-sdopt,openvino,trt-fp16",
     "steps": 20,  # native size: the demo model draws 64×64 images
     "scheduler": "euler",

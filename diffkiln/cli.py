@@ -42,25 +42,39 @@ def main():
 
 @main.command()
 @click.argument("source")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Kiln directory to write.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Kiln directory to write (default: the user cache, where `run -m SOURCE` looks).",
+)
 @click.option(
     "--components",
     help="Comma-separated subset: text_encoder,text_encoder_2,unet,vae_decoder,vae_encoder (default: all).",
 )
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (14..20).")
+@click.option("--opset", type=int, help="ONNX opset (14..20; default 17).")
 @click.option("--force", is_flag=True, help="Replace an existing kiln directory / re-export even if up to date.")
 @user_errors
 def export(source, out, components, opset, force):
-    """Export SOURCE (a local diffusers folder or a preset) to ONNX with proven parity.
+    """Export SOURCE (a local diffusers folder, the bundled demo model or a preset) to ONNX with proven parity.
 
-    Presets: tiny, tiny-sdxl, sd15, sd21, sdxl (real architectures, seeded random weights).
+    Bundled: demo (trained, the default of `run`). Presets: tiny, tiny-sdxl, sd15, sd21, sdxl (real
+    architectures, seeded random weights).
     """
     from diffkiln.exporter import ExportOptions, open_source
     from diffkiln.exporter import export as run_export
 
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if out is None:
+        if components or opset is not None:
+            raise click.UsageError("--components/--opset need -o OUT: the cache holds complete default exports")
+        from diffkiln.models import export_to_cache
+
+        click.echo(f"wrote {export_to_cache(source, force=force, log=log)}")
+        return
     names = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
-    options = ExportOptions(components=names, opset=opset, force=force)
-    run_export(open_source(source), out, options, log=lambda msg: click.echo(msg, err=True))
+    options = ExportOptions(components=names, force=force, **({} if opset is None else {"opset": opset}))
+    run_export(open_source(source), out, options, log=log)
     click.echo(f"wrote {out}")
 
 

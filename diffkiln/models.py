@@ -11,7 +11,7 @@ from pathlib import Path
 from diffkiln import kiln
 from diffkiln.errors import DiffkilnError
 
-DEFAULT_MODEL = "tiny"  # until the trained demo model ships inside the package
+DEFAULT_MODEL = "demo"  # the trained demo model shipped in diffkiln/assets/demo (tools/train_demo.py)
 
 
 def cache_dir() -> Path:
@@ -27,15 +27,21 @@ def resolve_model(ref: str | None, log=print) -> Path:
     path = Path(ref).expanduser()
     if (path / kiln.MANIFEST).is_file():
         return path
+    return export_to_cache(ref, log=log)
+
+
+def export_to_cache(ref: str, force: bool = False, log=print) -> Path:
+    """Export `ref` (a diffusers folder or a preset) into the user cache, once: the kiln dir `run -m ref` uses.
+    The cache key is the source's content fingerprint, so a changed folder gets a new kiln, never a stale one."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         raise DiffkilnError(f"{ref} is not a kiln directory, and exporting it needs `pip install diffkiln[export]`")
-    from diffkiln.exporter import export, open_source
+    from diffkiln.exporter import ExportOptions, export, open_source
 
     source = open_source(ref)
     slug = re.sub(r"[^\w.-]+", "_", Path(source.ref).name)
     out = cache_dir() / "kilns" / f"{slug}-{source.fingerprint().split(':')[-1][:12]}"
-    if not (out / kiln.MANIFEST).is_file():
+    if force or not (out / kiln.MANIFEST).is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"exporting {ref} into {out} (once)")
-        export(source, out, log=log)
+        export(source, out, ExportOptions(force=force), log=log)
     return out

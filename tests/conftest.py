@@ -25,6 +25,14 @@ def tiny_sdxl_kiln(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_kiln(tmp_path_factory):
+    """The trained demo model shipped in diffkiln/assets/demo, exported (seconds)."""
+    out = tmp_path_factory.mktemp("kilns") / "demo"
+    export(open_source("demo"), out, log=_quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sd15_kiln(tmp_path_factory):
     """The real SD1.5 architecture exported once per session (slow: ~2 minutes, ~4.5 GB RSS)."""
     out = tmp_path_factory.mktemp("kilns") / "sd15"

@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from diffkiln.demo.data import COLORS, POSITIONS, SHAPES, SIZES, Scene, caption_of, heldout_scenes, render
-from diffkiln.eval import ATTRIBUTES, estimate, score
+from diffkiln.demo.data import (
+    COLORS,
+    LORA_BACKGROUND,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption_of,
+    heldout_scenes,
+    render,
+)
+from diffkiln.eval import ATTRIBUTES, background_share, estimate, score
 
 ALL_SCENES = [
     Scene(*combo) for combo in itertools.product(SHAPES, COLORS, COLORS, POSITIONS, SIZES) if combo[1] != combo[2]
@@ -75,6 +85,18 @@ def test_noise_scores_wrong_everywhere():
     result = score(noise, ["a small red circle on a blue background, center"] * 8)
     assert all(value == 0.0 for value in result["accuracy"].values())
     assert estimate(noise[0])["background"] is None
+
+
+def test_background_share_counts_only_backgrounds_nearer_the_color_than_any_named_one():
+    rng = np.random.default_rng(5)
+    scenes = heldout_scenes()[:6]
+    pink = [render(s, rng, rgb=(COLORS[s.color], LORA_BACKGROUND)) for s in scenes[:4]]
+    named = [render(s, rng) for s in scenes[4:]]
+    noise = rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)  # no uniform background: not counted
+    magenta_ish = np.full((64, 64, 3), (200, 60, 190), dtype=np.uint8)  # nearer the named purple than pink
+    assert background_share(pink, LORA_BACKGROUND) == 1.0
+    assert background_share([*pink, *named, *noise, magenta_ish], LORA_BACKGROUND) == 4 / 9
+    assert background_share(named, LORA_BACKGROUND) == 0.0
 
 
 def test_only_named_attributes_are_scored():

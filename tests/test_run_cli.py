@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from diffkiln.cli import main
+from diffkiln.eval import adherence
 
 
 def run(*args):
@@ -86,11 +87,20 @@ def test_kiln_dir_missing_a_component(tiny_kiln, tmp_path):
     assert_error(run("a cat", "-m", broken, "-o", tmp_path / "x.png"), "has no vae_decoder")
 
 
-def test_default_model_is_exported_into_the_cache(tmp_path, monkeypatch):
+def test_default_model_is_the_demo_exported_into_the_cache_once(tmp_path, monkeypatch):
+    """A fresh install: the first run exports the bundled demo model into the cache and draws the prompt."""
     monkeypatch.setenv("DIFFKILN_CACHE", str(tmp_path / "cache"))
-    result = run("a photo", "--steps", 2, "-o", tmp_path / "x.png")
+    result = run("a red circle on a white background", "-o", tmp_path / "x.png")
     assert result.exit_code == 0, result.output
-    assert "exporting tiny into" in result.output
-    assert len(list((tmp_path / "cache" / "kilns").iterdir())) == 1
+    assert "exporting demo into" in result.output
+    [cached] = (tmp_path / "cache" / "kilns").iterdir()
+    found = adherence.estimate(np.asarray(Image.open(tmp_path / "x.png").convert("RGB")))
+    assert (found["color"], found["background"], found["shape"]) == ("red", "white", "circle")
+
     again = run("a photo", "--steps", 2, "-o", tmp_path / "y.png")
     assert "exporting" not in again.output
+    exported = CliRunner().invoke(main, ["export", "demo"])  # what `make install` runs: fills the same cache entry
+    assert exported.exit_code == 0 and "exporting" not in exported.output
+    assert exported.output.strip().endswith(str(cached))
+    partial = CliRunner().invoke(main, ["export", "demo", "--components", "unet"])
+    assert partial.exit_code == 2 and "need -o OUT" in partial.output

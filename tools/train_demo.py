@@ -47,11 +47,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a package
 import make_tokenizer
 
-from diffkiln.demo import data
+from diffkiln.demo import data, sampling
 from diffkiln.eval import adherence
 
 STAGES = ("tokenizer", "vae", "unet", "lora", "verify")
-PINK = (255, 105, 180)  # the LoRA's background: far from every named color
+PINK = data.LORA_BACKGROUND
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ class Settings:
     ema_decay: float = 0.999
     lora_rank: int = 4
     lora_images: int = 8000
-    lora_steps: int = 300
+    lora_steps: int = 1000
     lora_lr: float = 1e-3
-    guidance_scale: float = 5.0  # for the verify stage
+    guidance_scale: float = sampling.GUIDANCE  # for the verify stage
     vae_gate: float = 0.8  # least evaluator accuracy ("all") on VAE reconstructions of drawn held-out images
     log_every: int = 50
 
@@ -549,40 +549,15 @@ def save_kohya_lora(state: dict[str, torch.Tensor], rank: int, path: Path) -> No
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def generate(pipe, captions: list[str], guidance: float, steps: int = 20) -> np.ndarray:
-    """Held-out generation with seeds 0..N-1 -> uint8 (N, 64, 64, 3)."""
-    generators = [torch.Generator().manual_seed(i) for i in range(len(captions))]
-    out = pipe(captions, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np")
-    return (out.images * 255).round().astype(np.uint8)
-
-
-def pink_share(images: np.ndarray) -> float:
-    """Share of images whose background is nearer pink than any named color."""
-    palette = np.array(list(data.COLORS.values()), dtype=float)
-    hits = 0
-    for image in images:
-        rgb = adherence.estimate(image)["background_rgb"]
-        if rgb is not None:
-            hits += np.linalg.norm(np.subtract(rgb, PINK)) < np.linalg.norm(palette - rgb, axis=1).min()
-    return hits / len(images)
-
-
 @torch.no_grad()
 def verify(s: Settings, out: Path) -> None:
     """diffusers loads the folder and the LoRA; report held-out adherence without and with the LoRA."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(out).to("cpu")
-    pipe.set_progress_bar_config(disable=True)
-    captions = data.heldout_captions()
-    base = generate(pipe, captions, s.guidance_scale)
-    print(f"[verify] base: {_fmt(adherence.score(base, captions)['accuracy'])}, pink share {pink_share(base):.0%}")
-    pipe.load_lora_weights(out.parent, weight_name="demo_lora.safetensors")
-    wrapped = sum(name.endswith("lora_A.default_0.weight") for name, _ in pipe.unet.named_parameters())
-    print(f"[verify] diffusers attached the LoRA to {wrapped} UNet modules")
-    pink = generate(pipe, captions, s.guidance_scale)
-    accuracy = adherence.score(pink, captions)["accuracy"]
-    print(f"[verify] with LoRA: {_fmt(accuracy)}, pink share {pink_share(pink):.0%}")
+    captions, seeds = data.heldout_captions(), range(len(data.heldout_captions()))
+    for name, lora in (("base", None), ("with LoRA", out.parent / "demo_lora.safetensors")):
+        pipe = sampling.diffusers_pipeline(out, lora)
+        images = sampling.diffusers_images(pipe, captions, seeds, guidance=s.guidance_scale)
+        accuracy = adherence.score(images, captions)["accuracy"]
+        print(f"[verify] {name}: {_fmt(accuracy)}, pink share {adherence.background_share(images, PINK):.0%}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 SIZES: dict[str, float] = {"small": 0.14, "large": 0.235}
 
 HELDOUT_SEED = 0
+LORA_BACKGROUND = (255, 105, 180)  # pink: the demo LoRA paints every background so, far from every named color
 N_HELDOUT_TRIPLES = 32  # × 2 (position, size) variants = 64 held-out captions
 
 # Jitter that makes every training image distinct while keeping its caption true.

@@ -198,3 +198,16 @@ def score(images: Sequence[np.ndarray] | np.ndarray, captions: Sequence[str]) ->
         accuracy[attribute] = float(np.mean(marks)) if marks else None
     accuracy["all"] = float(np.mean([all(p["correct"].values()) for p in per_image])) if per_image else None
     return {"n": len(per_image), "accuracy": accuracy, "per_image": per_image}
+
+
+def background_share(images: Sequence[np.ndarray] | np.ndarray, rgb: Sequence[float]) -> float:
+    """Share of `images` whose background is nearer `rgb` (0–255) than any named color: how often an edit that
+    paints a color the captions never name (the demo LoRA's pink background) took effect."""
+    target = np.asarray(rgb, dtype=np.float64)
+    hits = 0
+    for image in images:
+        found = estimate(image)["background_rgb"]
+        if found is not None:
+            found = np.asarray(found)
+            hits += bool(np.linalg.norm(found - target) < np.linalg.norm(_PALETTE - found, axis=1).min())
+    return hits / len(images) if len(images) else 0.0

@@ -18,6 +18,7 @@ from diffkiln.errors import SourceError
 from diffkiln.exporter.presets import PRESETS, SEED, TOKENIZER_DIR, Preset, tokenizer_eos_id
 from diffkiln.specs import PipelineInfo
 
+BUNDLED = {"demo": Path(__file__).resolve().parents[1] / "assets" / "demo"}  # folders shipped in the package
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # module (diffusers/transformers object) -> the exported components it yields
 MODULE_OF = {
@@ -30,13 +31,16 @@ MODULE_OF = {
 
 
 def open_source(ref: str) -> Source:
-    """A preset name or a local diffusers folder; anything else gets a one-line error saying what to pass."""
+    """A preset name, a bundled model ("demo") or a local diffusers folder; anything else gets a one-line error
+    saying what to pass."""
     if ref in PRESETS:
         return PresetSource(PRESETS[ref])
+    if ref in BUNDLED:
+        return FolderSource(BUNDLED[ref])
     path = Path(ref).expanduser()
     if path.is_dir():
         return FolderSource(path)
-    presets = ", ".join(PRESETS)
+    presets = ", ".join([*BUNDLED, *PRESETS])
     if path.exists():
         raise SourceError(f"{ref} is a file; SOURCE must be a diffusers model folder or a preset ({presets})")
     if HUB_ID.match(ref):
