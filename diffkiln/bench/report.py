@@ -195,14 +195,22 @@ def _artifact(path: dict) -> str:
     return "generated in memory (preset)" if path["backend"] == "torch" else "—"
 
 
+def _adherence_cell(score: dict, missing: str) -> str:
+    """ "100% / 100% / 83%" from the evaluator's accuracies (or "all" alone from a scorer without attributes)."""
+    parts = [score.get(a) for a in ("color", "background", "shape")]
+    if all(v is None for v in parts):
+        return _num(score.get("all"), "{:.1%}", missing)
+    return " / ".join(_num(v, "{:.0%}", "n/a") for v in parts)
+
+
 def _fidelity(report: dict) -> list[str]:
     adherence = report["adherence"]
     scores = adherence.get("scores", {})
-    header = ["path", "PSNR dB (min)", "SSIM (min)", "max |Δ| /255", "adherence (all attributes right)"]
+    header = ["path", "PSNR dB (min)", "SSIM (min)", "max |Δ| /255", "adherence: color / background / shape"]
     rows = []
     for name, p in _ran(report):
         f = p["fidelity"]
-        score = _num(scores.get(name, {}).get("all"), "{:.1%}", adherence.get("reason", "n/a"))
+        score = _adherence_cell(scores.get(name, {}), adherence.get("reason", "n/a"))
         if f.get("reference"):
             rows.append([f"`{name}`", "reference", "reference", "—", score])
         elif "psnr_db" not in f:
