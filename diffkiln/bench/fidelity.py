@@ -60,7 +60,9 @@ def compare(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 def is_demo_model(*refs: str | None) -> bool:
     """True when any of `refs` (what the user passed, the source behind it) is diffkiln's demo model: the only
     model whose images the prompt-adherence evaluator can judge."""
-    demo = Path(__file__).resolve().parent.parent / "assets" / "demo"
+    from diffkiln.exporter.sources import BUNDLED
+
+    demo = BUNDLED["demo"]
     return any(ref and (ref == "demo" or Path(ref).expanduser().resolve() == demo) for ref in refs)
 
 
