@@ -197,7 +197,7 @@ def optimize(kiln_dir, target, precision, out, force, loras, embeddings, allow_p
 
 @main.command()
 @click.argument("prompt")
-@click.option("-m", "--model", help="Kiln directory, diffusers folder or preset (default: the embedded model).")
+@click.option("-m", "--model", help="Kiln directory, diffusers folder, demo or preset (default: demo, trained).")
 @click.option("--negative", default="", help="Negative prompt.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option(
@@ -248,8 +248,8 @@ def run(
 @user_errors
 def bench(source, **options):
     """Benchmark the PyTorch reference and every diffkiln path side by side on the same prompts, seeds and
-    latents (SOURCE: preset, diffusers folder or kiln dir; default: the embedded model); writes report.md,
-    report.json and plots."""
+    latents (SOURCE: preset, diffusers folder or kiln dir; default: demo, the bundled trained model); writes
+    report.md, report.json and plots."""
     bench_command(source, **options, echo=lambda msg: click.echo(msg, err=True))
 
 

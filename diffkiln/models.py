@@ -1,5 +1,5 @@
 """Where `diffkiln run -m X` finds its kiln directory: X itself if it is one, else X exported (once) into the
-user cache. Without -m, the embedded default model is used the same way."""
+user cache. Without -m, the bundled demo model (diffkiln/assets/demo) is used the same way."""
 
 from __future__ import annotations
 
