@@ -261,7 +261,6 @@ def _ssim_brute_force(a, b, size=11, sigma=1.5):
 
 def test_adherence_is_scored_for_the_demo_model_only():
     """Perfect demo images (rendered from their captions) score 100% through diffkiln.eval.adherence."""
-    pytest.importorskip("diffkiln.eval.adherence")
     from diffkiln.demo.data import caption_of, heldout_scenes, render
 
     scenes = heldout_scenes()[:3]
@@ -270,6 +269,9 @@ def test_adherence_is_scored_for_the_demo_model_only():
     run.images = {i: render(scene)[None].astype(np.float32) / 255 for i, scene in enumerate(scenes)}
     scores = adherence_scores([run], prompts, ("demo", None))["scores"]["ort-fp32"]
     assert scores["all"] == 1.0 and scores["color"] == 1.0
+    wrong = PathRun(PATHS["ort-opt"], status="ok")  # caption 0 gets caption 1's image: size and position wrong
+    wrong.images = {0: run.images[1], 1: run.images[1], 2: run.images[2]}
+    assert adherence_scores([wrong], prompts, ("demo", None))["scores"]["ort-opt"]["all"] == 2 / 3
     assert "demo model only" in adherence_scores([run], prompts, ("tiny", "tiny"))["reason"]
 
 

@@ -7,7 +7,6 @@ an 11-tap gaussian window, K1 = 0.01, K2 = 0.03, data range 1, the map averaged 
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -66,20 +65,9 @@ def is_demo_model(*refs: str | None) -> bool:
     return any(ref and (ref == "demo" or Path(ref).expanduser().resolve() == demo) for ref in refs)
 
 
-def adherence_scorer():
-    """`score(images, captions)` from diffkiln.eval.adherence, or a string saying why there is none."""
-    try:
-        module = importlib.import_module("diffkiln.eval.adherence")
-    except ImportError as e:
-        return f"diffkiln.eval.adherence is not available ({e})"
-    score = getattr(module, "score", None)
-    return score if callable(score) else "diffkiln.eval.adherence has no score(images, captions)"
+def adherence(images: np.ndarray, captions: list[str]) -> dict[str, float | None]:
+    """Adherence of images [N, H, W, 3] in [0, 1] to their demo captions: {<attribute>: accuracy over the captions
+    naming it, "all": share of images with every named attribute right} (diffkiln.eval.adherence)."""
+    from diffkiln.eval.adherence import score
 
-
-def adherence(score, images: np.ndarray, captions: list[str]) -> dict[str, float | None]:
-    """Adherence of images [N, H, W, 3] in [0, 1] to their captions: {"all": share of images with every named
-    attribute right, <attribute>: accuracy over the captions naming it}, from the evaluator's "accuracy"."""
-    result = score(images, captions)
-    if isinstance(result, dict) and isinstance(result.get("accuracy"), dict):
-        return {k: (None if v is None else float(v)) for k, v in result["accuracy"].items()}
-    return {"all": float(np.mean(np.asarray(result, dtype=np.float64)))}  # a scorer that returns plain numbers
+    return {k: (None if v is None else float(v)) for k, v in score(images, captions)["accuracy"].items()}

@@ -196,11 +196,10 @@ def _artifact(path: dict) -> str:
 
 
 def _adherence_cell(score: dict, missing: str) -> str:
-    """ "100% / 100% / 83%" from the evaluator's accuracies (or "all" alone from a scorer without attributes)."""
-    parts = [score.get(a) for a in ("color", "background", "shape")]
-    if all(v is None for v in parts):
-        return _num(score.get("all"), "{:.1%}", missing)
-    return " / ".join(_num(v, "{:.0%}", "n/a") for v in parts)
+    """ "100% / 100% / 83%": the evaluator's color, background and shape accuracy, or why there is none."""
+    if not score:
+        return missing
+    return " / ".join(_num(score.get(a), "{:.0%}", "n/a") for a in ("color", "background", "shape"))
 
 
 def _fidelity(report: dict) -> list[str]:
