@@ -71,6 +71,6 @@ def test_folded_demo_lora_paints_backgrounds_pink_as_diffusers_does(demo_kiln, r
     lora_reference = sampling.diffusers_images(sampling.diffusers_pipeline(lora=sampling.LORA), captions, seeds)
 
     assert adherence.background_share(reference_images[:16], LORA_BACKGROUND) == 0.0  # the base never paints pink
-    assert adherence.background_share(ours, LORA_BACKGROUND) >= 0.75
+    assert adherence.background_share(ours, LORA_BACKGROUND) >= 0.65  # measured 13/16
     assert adherence.score(ours, captions)["accuracy"]["color"] >= 0.9  # the shapes keep their colors
     assert min(psnr(a, b) for a, b in zip(ours, lora_reference, strict=True)) >= MIN_PSNR_DB

@@ -21,7 +21,7 @@ Stages (each prints progress and its time):
    caption says; saved in kohya/A1111 key format to demo_lora.safetensors;
 5. verify: diffusers loads the folder and the LoRA; the LoRA turns held-out backgrounds pink.
 
-    python tools/train_demo.py                      # everything: ~51 min on 2 CPU cores (VAE 14, UNet 29, LoRA 6)
+    python tools/train_demo.py                      # everything: ~55 min on 2 CPU cores (VAE 14, UNet 36, LoRA 4)
     python tools/train_demo.py --smoke -o /tmp/demo # a 2-minute end-to-end run to debug the script
     python tools/train_demo.py --start lora         # redo the LoRA on the saved model
 
@@ -68,7 +68,7 @@ class Settings:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6  # on the per-image KL sum; reconstruction is a per-pixel mean squared error
     vae_init_logvar: float = -8.0  # start the posterior narrow: with std ~1 the sampling noise swamps the means
-    unet_steps: int = 2400
+    unet_steps: int = 4800
     unet_batch: int = 64
     unet_lr: float = 6e-4
     warmup: int = 200
