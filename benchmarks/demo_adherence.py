@@ -48,7 +48,9 @@ Backend = Callable[[Sequence[str], Sequence[int]], np.ndarray]
 
 @functools.cache
 def _diffusers(model: Path):
-    torch_threads()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
     return sampling.diffusers_pipeline(model)
 
 
@@ -58,12 +60,6 @@ def _diffkiln(model: Path):
     from diffkiln.runtime.pipeline import Pipeline
 
     return Pipeline(resolve_model(str(model), log=lambda _msg: None))  # exports the folder into the cache once
-
-
-def torch_threads() -> None:
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
 
 
 def pytorch_reference(captions: Sequence[str], seeds: Sequence[int], *, guidance: float, model: Path) -> np.ndarray:
