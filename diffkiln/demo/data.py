@@ -27,6 +27,7 @@ __all__ = [
     "COLORS",
     "HELDOUT_SEED",
     "IMAGE_SIZE",
+    "LORA_BACKGROUND",
     "POSITIONS",
     "SHAPES",
     "SIZES",
