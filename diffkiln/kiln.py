@@ -9,12 +9,13 @@ half-written directory behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from diffkiln.errors import KilnError, OutputError
@@ -60,6 +61,11 @@ def component_files(kiln: Path, component: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
+def components_bytes(kiln: Path, names: Iterable[str]) -> int:
+    """Bytes on disk of the named components' files."""
+    return sum(f.stat().st_size for name in names for f in component_files(kiln, name))
+
+
 def check_writable(out: Path) -> None:
     """Fail before any work when `out` cannot be created (parent missing, read-only, or a file)."""
     parent = out.parent
@@ -71,16 +77,39 @@ def check_writable(out: Path) -> None:
         raise OutputError(f"cannot write {out}: no write permission in {parent}")
 
 
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_space(out: Path, need: int) -> None:
+    """Fail before any work when the disk under `out` has less than `need` bytes free."""
+    free = shutil.disk_usage(Path(out).parent).free
+    if free < need:
+        raise OutputError(
+            f"cannot write {out}: it needs about {human_bytes(need)} and its disk has {human_bytes(free)} free; "
+            "free some space or choose another output path"
+        )
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it is removed."""
+    """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it is removed.
+    A full disk becomes an OutputError."""
     out = Path(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror}") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OutputError(
+                f"cannot write {out}: its disk is full; free some space or choose another output path "
+                "(nothing was written)"
+            ) from None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -497,6 +497,25 @@ def test_bad_embeddings_and_outputs_are_refused(tiny_kiln, tmp_path):
     assert (out / "keep.txt").is_file()
 
 
+def test_disk_space_is_checked_for_the_rewritten_components_only(tiny_kiln, tmp_path, monkeypatch):
+    """Unchanged components are hard links: a UNet-only LoRA needs room for the UNet, not the whole kiln."""
+    import shutil
+    from collections import namedtuple
+
+    lora = make_lora(tiny_kiln, "attn", seed=1)
+    path = save_kohya(lora, tmp_path / "unet.safetensors")
+    need = kiln.components_bytes(tiny_kiln, ["unet"])
+    assert need < kiln.components_bytes(tiny_kiln, kiln.read_manifest(tiny_kiln)["components"])
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / "out"
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(need * 10, need * 9, need - 1))
+    with pytest.raises(OutputError, match="needs about"):
+        fold_loras(tiny_kiln, [(path, 1.0)], out, log=quiet)
+    assert nothing_written(out)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(need * 10, need * 9, need))
+    assert set(fold_loras(tiny_kiln, [(path, 1.0)], out, log=quiet)["components"]) == {"unet"}
+
+
 def test_command_line_values(tmp_path):
     emb = tmp_path / "e.safetensors"
     emb.write_bytes(b"")

@@ -150,3 +150,29 @@ def test_stale_output_of_the_same_kind_is_replaced(tiny_kiln, tmp_path):
     optimize(base, "ort-cpu", out=out, log=messages.append)
     assert f"{out} is stale (its source kiln changed): re-optimizing" in messages
     assert json.loads((out / REPORT).read_text())["source_manifest"] == kiln.file_sha256(base / kiln.MANIFEST)
+
+
+def test_a_short_or_full_disk_is_a_one_line_error_and_leaves_nothing(tiny_kiln, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import diffkiln.optimizers.optimize as opt
+
+    need = kiln.components_bytes(tiny_kiln, kiln.read_manifest(tiny_kiln)["components"])
+    usage = namedtuple("usage", "total used free")
+    out = tmp_path / "o"
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(need * 10, need * 9, need - 1))
+    with pytest.raises(OutputError, match=r"needs about \d+\.\d MB and its disk has \d+\.\d MB free"):
+        optimize(tiny_kiln, "ort-cpu", out=out, log=lambda _: None)
+    monkeypatch.undo()
+
+    def full(*_args, **_kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(opt, "_save", full)
+    result = CliRunner().invoke(main, ["optimize", str(tiny_kiln), "--target", "ort-cpu", "-o", str(out)])
+    assert result.exit_code == 1
+    full_disk = f"cannot write {out}: its disk is full; free some space or choose another output path"
+    assert result.output == f"Error: {full_disk} (nothing was written)\n"
+    assert not out.exists() and not list(tmp_path.glob(".o.*"))

@@ -54,7 +54,7 @@ def weights_mismatch(tools: Worker, source_ref: str, kiln_dir: str) -> str | Non
 
 def kiln_bytes(kiln_dir: Path) -> int:
     """Bytes on disk of the components a txt2img run loads."""
-    return sum(f.stat().st_size for name in TXT2IMG for f in kiln.component_files(kiln_dir, name))
+    return kiln.components_bytes(kiln_dir, TXT2IMG)
 
 
 def source_bytes(source_ref: str | None) -> int | None:

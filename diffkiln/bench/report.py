@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffkiln import kiln
 from diffkiln.bench.paths import REFERENCE
 
 METHOD = {
@@ -80,9 +81,7 @@ def _num(value, fmt: str = "{:.2f}", none: str = "—") -> str:
 
 
 def _size(nbytes) -> str:
-    if not nbytes:
-        return "—"
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+    return kiln.human_bytes(nbytes) if nbytes else "—"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

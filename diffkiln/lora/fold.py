@@ -64,6 +64,10 @@ def fold_loras(
     graphs = GraphCache(kiln_dir)
     plan, lora_records = plan_loras(loras, weight_map, manifest, graphs, allow_partial, log)
     tokens, embedding_records = plan_embeddings(embeddings, manifest, weight_map, graphs, kiln_dir)
+    if out:  # unchanged components are hard links, unless `out` is on another disk
+        same_disk = os.stat(kiln_dir).st_dev == os.stat(out.parent).st_dev
+        rewritten = [c for c in manifest["components"] if c in plan or c in tokens or not same_disk]
+        kiln.check_space(out, kiln.components_bytes(kiln_dir, rewritten))
     record = {
         "base": {"path": str(kiln_dir.resolve()), "manifest_sha256": kiln.file_sha256(kiln_dir / kiln.MANIFEST)},
         "loras": lora_records,

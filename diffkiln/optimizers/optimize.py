@@ -67,6 +67,7 @@ def optimize(
             raise OutputError(f"{out} already exists and holds something else; pass --force to replace it")
         log(f"{out} is stale (its source kiln changed): re-optimizing")
 
+    kiln.check_space(out, kiln.components_bytes(kiln_dir, manifest["components"]))
     info = PipelineInfo.from_json(manifest["pipeline"])
     specs = component_specs(info)
     weight_map = json.loads((kiln_dir / kiln.WEIGHT_MAP).read_text())
