@@ -27,6 +27,9 @@ from diffkiln.specs import ComponentSpec, component_specs, parity_dims
 from diffkiln.weight_map import fingerprint, lora_weights, map_weights
 
 DEFAULT_OPSET = 17
+# a full gc pass over torch's and diffusers' objects takes ~0.2 s: worth it only to free a big module's weights
+# before the next step loads another
+COLLECT_ABOVE_BYTES = 256 << 20
 OPSETS = range(14, 21)  # what torch's TorchScript-based exporter emits
 
 
@@ -86,12 +89,14 @@ def export_component(
     with torch.no_grad():
         refs = [_run_torch(model, spec, f) for f in feeds]
     keys = fingerprint(lora_weights(model, spec.name))
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > COLLECT_ABOVE_BYTES
 
     path = kiln.model_path(root, spec.name)
     path.parent.mkdir(parents=True)
     _trace(model, spec, feeds[0], path, options.opset)
     del model
-    gc.collect()
+    if big:
+        gc.collect()
     external = consolidate_external_data(path)
     stamp_io_shapes(path, {t.name: t.shape for t in spec.inputs + spec.outputs})
     mapping, unmapped = map_weights(path, keys)
@@ -105,7 +110,8 @@ def export_component(
         diffs = check("export", spec.name, got, ref, options.max_rel_err)
         results.append({"dims": d, "outputs": {k: v.to_json() for k, v in diffs.items()}})
     del session
-    gc.collect()
+    if big:
+        gc.collect()
 
     files = {p.name: {"bytes": p.stat().st_size, "sha256": kiln.file_sha256(p)} for p in sorted(path.parent.iterdir())}
     worst = max(o["rel_err"] for r in results for o in r["outputs"].values())
