@@ -13,7 +13,7 @@ $(BIN)/diffkiln: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[export,dev]"
-	$(BIN)/diffkiln export demo  # the default model of `run`, exported into the user cache once (~10 s)
+	$(BIN)/diffkiln export demo  # the default model of `run`, exported into the user cache once (~8 s)
 	@touch $@
 
 test: install
