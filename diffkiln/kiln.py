@@ -92,6 +92,19 @@ def check_space(out: Path, need: int) -> None:
 
 
 @contextlib.contextmanager
+def full_disk_is_an_error(out: Path) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) inside becomes a one-line OutputError naming `out`; the caller cleans up."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutputError(
+            f"cannot write {out}: its disk is full; free some space or choose another output path (nothing was written)"
+        ) from None
+
+
+@contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
     """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it is removed.
     A full disk becomes an OutputError."""
@@ -101,15 +114,8 @@ def staged_dir(out: Path) -> Iterator[Path]:
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror}") from None
     try:
-        try:
+        with full_disk_is_an_error(out):
             yield tmp
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise OutputError(
-                f"cannot write {out}: its disk is full; free some space or choose another output path "
-                "(nothing was written)"
-            ) from None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -516,6 +516,28 @@ def test_disk_space_is_checked_for_the_rewritten_components_only(tiny_kiln, tmp_
     assert set(fold_loras(tiny_kiln, [(path, 1.0)], out, log=quiet)["components"]) == {"unet"}
 
 
+def test_a_full_disk_while_writing_a_refit_payload_is_one_line(tiny_kiln, tmp_path, monkeypatch):
+    import errno
+
+    from click.testing import CliRunner
+
+    from diffkiln.cli import main
+    from diffkiln.lora.refit import PayloadWriter
+
+    def full(self, *_args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(PayloadWriter, "write", full)
+    lora = save_kohya(make_lora(tiny_kiln, "attn", seed=3), tmp_path / "a.safetensors")
+    payload = tmp_path / "p.safetensors"
+    result = CliRunner().invoke(main, ["lora", str(tiny_kiln), "--lora", str(lora), "--refit-payload", str(payload)])
+    assert result.exit_code == 1
+    error = result.output.splitlines()[-1]
+    full_disk = "its disk is full; free some space or choose another output path (nothing was written)"
+    assert error == f"Error: cannot write {payload}: {full_disk}"
+    assert not list(tmp_path.glob("*p.safetensors*"))
+
+
 def test_command_line_values(tmp_path):
     emb = tmp_path / "e.safetensors"
     emb.write_bytes(b"")

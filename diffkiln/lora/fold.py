@@ -81,7 +81,10 @@ def fold_loras(
         )
     components: dict[str, dict] = {}
     try:
-        with kiln.staged_dir(out) if out else contextlib.nullcontext() as tmp:
+        with (
+            kiln.full_disk_is_an_error(out or refit_payload),
+            kiln.staged_dir(out) if out else contextlib.nullcontext() as tmp,
+        ):
             for name in manifest["components"]:
                 dst = Path(tmp) / name if tmp else None
                 if name in plan or name in tokens:
