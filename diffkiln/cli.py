@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def user_errors(fn):
 @click.version_option(__version__, prog_name="diffkiln")
 def main():
     """diffkiln: compile Stable Diffusion pipelines into fast, compact ONNX / TensorRT engines."""
+    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: staged outputs are removed on the way out
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 @main.command()

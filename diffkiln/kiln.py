@@ -1,32 +1,51 @@
-"""The kiln directory: layout, manifest, and all-or-nothing writes.
+"""The kiln directory: layout, and the one stage writer every stage writes its output through.
 
     manifest.json  weight_map.json  tokenizer[_2]/  scheduler/  <component>/model.onnx[.data]
 
-Every write goes to a temporary sibling and is renamed into place, so a failed stage never leaves a
-half-written directory behind.
+`StageWriter(out, …)` owns everything about writing a kiln dir, so export, optimize, lora (and the stages that
+come next) cannot each get it subtly wrong:
+
+- output checks: `out` is a new or empty folder, or a kiln dir that may be replaced (up to date: nothing to do;
+  `--force`, or the same stage's own stale output: replaced); a non-kiln folder with files in it is never
+  replaced, even with `--force`; `out` may not be, contain or lie inside a source; a symlink is refused;
+- an exclusive lock per output path (a second writer fails clearly, or waits when asked: the user cache);
+- staging: a hidden temp folder beside `out`, renamed into place in one step when the stage finishes and
+  removed on any failure; staging folders of killed processes are swept on the next write to the same place;
+- support files (tokenizers, scheduler) copied from the source kiln, file hashes, the manifest with the
+  stage's stamp (what the up-to-date check compares) and its reports.
+
+Reading an untrusted kiln dir (schema, path confinement) is `kiln_reader.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from diffkiln.errors import KilnError, OutputError
+from diffkiln.kiln_reader import MANIFEST, WEIGHT_MAP, inside, read_weight_map  # noqa: F401 (re-exported)
+from diffkiln.kiln_reader import read_manifest as _read_manifest
 
-MANIFEST = "manifest.json"
-WEIGHT_MAP = "weight_map.json"
 FORMAT_VERSION = 1
+SCHEDULER = "scheduler"
 
 
 def model_path(kiln: Path, component: str) -> Path:
     return kiln / component / "model.onnx"
+
+
+def read_manifest(kiln_dir: Path) -> dict:
+    """The kiln dir's manifest, validated and with every path it names confined (see kiln_reader)."""
+    return _read_manifest(kiln_dir)
 
 
 def write_json(path: Path, data) -> None:
@@ -34,18 +53,6 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def read_manifest(kiln: Path) -> dict:
-    path = Path(kiln) / MANIFEST
-    if not Path(kiln).is_dir():
-        raise KilnError(f"no such kiln directory: {kiln}; create one with `diffkiln export SOURCE -o {kiln}`")
-    if not path.is_file():
-        raise KilnError(f"{kiln} has no {MANIFEST}; it is not a kiln directory (run `diffkiln export` first)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise KilnError(f"{path} is corrupt (not JSON); re-export with --force") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -56,6 +63,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_records(folder: Path) -> dict[str, dict]:
+    """{file name: {bytes, sha256}} of a component folder's files: what the manifest records."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(folder.iterdir())}
+
+
 def component_files(kiln: Path, component: str) -> list[Path]:
     folder = kiln / component
     return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
@@ -64,17 +76,6 @@ def component_files(kiln: Path, component: str) -> list[Path]:
 def components_bytes(kiln: Path, names: Iterable[str]) -> int:
     """Bytes on disk of the named components' files."""
     return sum(f.stat().st_size for name in names for f in component_files(kiln, name))
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work when `out` cannot be created (parent missing, read-only, or a file)."""
-    parent = out.parent
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a directory; choose another -o path")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {out}: no write permission in {parent}")
 
 
 def human_bytes(n: int) -> str:
@@ -104,25 +105,233 @@ def full_disk_is_an_error(out: Path) -> Iterator[None]:
         ) from None
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it is removed.
-    A full disk becomes an OutputError."""
-    out = Path(out)
+def check_output_path(out: Path, sources: Sequence[Path] = (), nested_ok: bool = False) -> Path:
+    """The absolute output path, when a stage may write there at all (before any work). Refuses a non-folder,
+    a symlink, a missing or read-only parent, the current folder, and anything that is, contains or (unless
+    `nested_ok`: a kiln dir's own optimized/ folder) lies inside one of `sources` (the input model or kiln)."""
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise OutputError(f"{out} is a symbolic link; give the real folder as -o")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory; choose another -o path")
+    if not out.parent.is_dir():
+        raise OutputError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: no write permission in {out.parent}")
+    real = out.resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if src.is_relative_to(real) or (real.is_relative_to(src) and not nested_ok):
+            where = "is or contains" if src.is_relative_to(real) else "lies inside"
+            raise OutputError(f"{out} {where} the input {source}; choose an -o outside it")
+    if Path.cwd().resolve().is_relative_to(real):
+        raise OutputError(f"{out} is (or holds) the current folder; choose a new or empty folder as -o")
+    return out
+
+
+class StageWriter:
+    """Write one stage's kiln dir `out` (see the module docstring). Use as a context manager:
+
+        with StageWriter(out, "optimize", stamp, force=force, sources=[kiln_dir], log=log) as w:
+            if w.up_to_date:
+                return w.existing
+            w.check_space(need)
+            ... write into w.tmp ...
+            w.finish(manifest, reports={"optimize_report.json": report})
+
+    `stamp` (JSON-able) says what the output was made from; an existing output of this stage with the same
+    stamp and intact files is up to date (None: never). `same_kind` names the stamp keys under which an existing
+    output of this stage is this stage's own stale result (replaced without --force). `wait` blocks on another
+    writer instead of failing (the user cache)."""
+
+    def __init__(
+        self,
+        out: Path,
+        stage: str,
+        stamp: dict | None,
+        *,
+        force: bool = False,
+        sources: Sequence[Path] = (),
+        nested_ok: bool = False,
+        same_kind: Sequence[str] | None = None,
+        wait: bool = False,
+        log: Callable = print,
+    ):
+        self.out = check_output_path(out, sources, nested_ok)
+        self.stage, self.stamp, self.force, self.same_kind = stage, stamp, force, same_kind
+        self.wait, self.log = wait, log
+        self.existing: dict | None = None
+        self.up_to_date = False
+        self._tmp: Path | None = None
+        self._finished = False
+        self._lock = None
+
+    def __enter__(self) -> StageWriter:
+        self._lock = _Lock(self.out, self.wait, self.log)
+        try:
+            sweep_stale(self.out, self.log)
+            self._check_existing()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def _check_existing(self) -> None:
+        out = self.out
+        if not out.exists() or not any(out.iterdir()):
+            return
+        try:
+            self.existing = _read_manifest(out, check_files=False)
+        except KilnError:
+            n = sum(1 for p in out.rglob("*") if not p.is_dir())
+            raise OutputError(
+                f"{out} is not a kiln directory; it holds {n} file(s); choose an empty or new -o "
+                "(diffkiln only ever replaces its own kiln directories)"
+            ) from None
+        recorded = self.existing.get("stage", {})
+        same = self.stamp is not None and recorded == {"name": self.stage, "stamp": self.stamp}
+        if not self.force and same and _intact(out, self.existing):
+            self.up_to_date = True
+            return
+        ours = recorded.get("name") == self.stage and self.same_kind is not None
+        if ours and all(recorded.get("stamp", {}).get(k) == self.stamp.get(k) for k in self.same_kind):
+            self.log(f"{out} is stale (its input changed): rewriting it")
+            return
+        if not self.force:
+            raise OutputError(f"{out} already holds another kiln dir; pass --force to replace it")
+
+    @property
+    def tmp(self) -> Path:
+        """The staging folder (created on first use); renamed to `out` by `finish`."""
+        if self._tmp is None:
+            try:
+                self._tmp = Path(
+                    tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.", suffix=".tmp", dir=self.out.parent)
+                )
+            except OSError as e:
+                raise OutputError(f"cannot write {self.out}: {e.strerror}") from None
+        return self._tmp
+
+    def check_space(self, need: int) -> None:
+        check_space(self.out, need)
+
+    def copy_support(self, kiln_dir: Path, manifest: dict, skip: Iterable[str] = ()) -> None:
+        """Copy the source kiln's tokenizer folders and scheduler config (all but `skip`) into the staging folder.
+        Their paths were confined when the manifest was read; symlinks inside were checked to stay inside."""
+        folders = [*manifest.get("tokenizers", []), SCHEDULER]
+        for folder in folders:
+            if folder not in skip and (kiln_dir / folder).is_dir():
+                shutil.copytree(inside(kiln_dir, folder, f"manifest entry {folder!r}"), self.tmp / folder)
+
+    def finish(self, manifest: dict, reports: dict[str, dict] | None = None) -> None:
+        """Write the reports and the manifest (with this stage's stamp) last; the rename happens on exit."""
+        for name, report in (reports or {}).items():
+            write_json(self.tmp / name, report)
+        write_json(self.tmp / MANIFEST, {**manifest, "stage": {"name": self.stage, "stamp": self.stamp}})
+        self._finished = True
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None and self._finished:
+                with full_disk_is_an_error(self.out):
+                    _replace(self._tmp, self.out)
+            elif exc_type is not None and issubclass(exc_type, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputError(
+                    f"cannot write {self.out}: its disk is full; free some space or choose another output path "
+                    "(nothing was written)"
+                ) from None
+        finally:
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._lock.release()
+        return False
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out` in one rename; an old `out` is moved aside first and then removed."""
+    os.chmod(tmp, 0o755)
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _intact(out: Path, manifest: dict) -> bool:
+    """Every file the manifest records is there with its recorded size."""
+    for name, record in manifest.get("components", {}).items():
+        for fname, meta in record.get("files", {}).items():
+            f = out / name / fname
+            if not f.is_file() or f.stat().st_size != meta.get("bytes"):
+                return False
+    return True
+
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?:[^.]+\.tmp|old)$")
+
+
+def sweep_stale(out: Path, log: Callable = print) -> None:
+    """Remove staging folders beside `out` that processes killed mid-write left behind (their pid is gone)."""
+    for path in out.parent.glob(f".{glob_escape(out.name)}.*"):
+        match = _STAGING.match(path.name)
+        ours = match and match["name"] == out.name and path.is_dir() and not path.is_symlink()
+        if ours and not _alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left behind by a diffkiln process that was killed while writing {out}")
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write {out}: {e.strerror}") from None
-    try:
-        with full_disk_is_an_error(out):
-            yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        os.chmod(out, 0o755)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Lock:
+    """An exclusive flock on `.OUT.lock` beside the output, removed on release. A holder checks that the file it
+    locked is still the one at the path (a previous holder may have removed it meanwhile), else retries."""
+
+    def __init__(self, out: Path, wait: bool, log: Callable):
+        self.path = out.with_name(f".{out.name}.lock")
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise OutputError(f"cannot write {out}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    raise OutputError(
+                        f"{out} is being written by another diffkiln process; wait for it to finish or choose "
+                        "another -o"
+                    ) from None
+                log(f"waiting for another diffkiln process to finish writing {out}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None

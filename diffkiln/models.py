@@ -39,9 +39,15 @@ def export_to_cache(ref: str, force: bool = False, log=print) -> Path:
 
     source = open_source(ref)
     slug = re.sub(r"[^\w.-]+", "_", Path(source.ref).name)
-    out = cache_dir() / "kilns" / f"{slug}-{source.fingerprint().split(':')[-1][:12]}"
+    # 128 bits of the content fingerprint: two different folders never share a cache entry
+    out = cache_dir() / "kilns" / f"{slug}-{source.fingerprint().split(':')[-1][:32]}"
     if force or not (out / kiln.MANIFEST).is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DiffkilnError(
+                f"cannot create the cache folder {out.parent}: {e.strerror}; set DIFFKILN_CACHE"
+            ) from None
         log(f"exporting {ref} into {out} (once)")
-        export(source, out, ExportOptions(force=force), log=log)
+        export(source, out, ExportOptions(force=force, wait=True), log=log)  # another run may be exporting it
     return out

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from diffkiln.kiln_reader import inside
+
 DATA_SUFFIX = ".data"
 ALIGN = 4096  # page-aligned tensors let ONNX Runtime memory-map them
 
@@ -40,7 +42,7 @@ def iter_initializers(model: onnx.ModelProto, base: Path) -> Iterator[tuple[str,
             continue
         info = _external_info(t)
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        with open(base / info["location"], "rb") as fh:
+        with open(inside(base, info["location"], f"{base.name}: external data of {t.name}"), "rb") as fh:
             fh.seek(int(info.get("offset", 0)))
             length = int(info["length"]) if "length" in info else -1
             raw = fh.read(length)

@@ -2,7 +2,8 @@
 
 Exporters rename and transpose weights (a Linear becomes MatMul with a folded `onnx::MatMul_123` = Wᵀ), so names
 cannot be trusted; values can. Each torch weight is fingerprinted as is and transposed, and each initializer is
-matched by (dtype, shape, content hash). LoRA folding and TensorRT refit read the result, `weight_map.json`:
+matched by (dtype, shape, content hash) against the torch side's fingerprints (exporter/torch_weights.py).
+LoRA folding and TensorRT refit read the result, `weight_map.json`:
 
     {component: {torch_name: {"initializer": onnx_name, "transposed": bool}}}
 
@@ -22,36 +23,9 @@ from diffkiln.onnxio import iter_initializers, load_graph
 Key = tuple[str, tuple[int, ...], str]
 
 
-def _key(array: np.ndarray) -> Key:
+def content_key(array: np.ndarray) -> Key:
     data = np.ascontiguousarray(array)
     return data.dtype.name, tuple(data.shape), hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
-
-
-def lora_weights(module, component: str) -> dict[str, object]:
-    """{name: torch weight} for Linear and Conv layers and token embeddings (textual inversion)."""
-    import torch
-
-    from diffkiln.exporter.wrappers import torch_name
-
-    kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)
-    found = {}
-    for name, sub in module.named_modules():
-        if isinstance(sub, kinds) and getattr(sub, "weight", None) is not None:
-            if isinstance(sub, torch.nn.Embedding) and not name.endswith("token_embedding"):
-                continue
-            found[torch_name(component, name) + ".weight"] = sub.weight
-    return found
-
-
-def fingerprint(weights: dict[str, object]) -> dict[Key, list[tuple[str, bool]]]:
-    """Content keys of each weight and, for matrices, of its transpose."""
-    keys: dict[Key, list[tuple[str, bool]]] = {}
-    for name, w in weights.items():
-        array = w.detach().cpu().numpy()
-        keys.setdefault(_key(array), []).append((name, False))
-        if array.ndim == 2:
-            keys.setdefault(_key(array.T), []).append((name, True))
-    return keys
 
 
 def map_weights(onnx_path: Path, keys: dict[Key, list[tuple[str, bool]]]) -> tuple[dict[str, dict], list[str]]:
@@ -59,7 +33,7 @@ def map_weights(onnx_path: Path, keys: dict[Key, list[tuple[str, bool]]]) -> tup
     model = load_graph(onnx_path)
     mapping: dict[str, dict] = {}
     for init_name, array in iter_initializers(model, onnx_path.parent):
-        for weight, transposed in keys.get(_key(array), []):
+        for weight, transposed in keys.get(content_key(array), []):
             # two weights may hold the same values: an initializer that carries the weight's name wins
             if weight not in mapping or init_name.endswith(weight):
                 mapping[weight] = {"initializer": init_name, "transposed": transposed}
@@ -76,5 +50,5 @@ def follow(mapping: dict[str, dict], old_path: Path, new_path: Path) -> tuple[di
     keys: dict[Key, list[tuple[str, bool]]] = {}
     for name, array in iter_initializers(load_graph(old_path), old_path.parent):
         if name in by_init:
-            keys.setdefault(_key(array), []).extend(by_init[name])
+            keys.setdefault(content_key(array), []).extend(by_init[name])
     return map_weights(new_path, keys)

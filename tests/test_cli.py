@@ -86,11 +86,12 @@ def test_unwritable_output(tmp_path, where):
     assert_one_line_error(result, fragment)
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_a_users_folder_is_never_replaced(tmp_path):
     (tmp_path / "k").mkdir()
     (tmp_path / "k" / "notes.txt").write_text("mine")
-    result = run("export", "tiny", "-o", tmp_path / "k", "--components", "vae_decoder")
-    assert_one_line_error(result, "pass --force to replace it")
+    for force in ([], ["--force"]):
+        result = run("export", "tiny", "-o", tmp_path / "k", "--components", "vae_decoder", *force)
+        assert_one_line_error(result, "k is not a kiln directory; it holds 1 file(s); choose an empty or new -o")
     assert (tmp_path / "k" / "notes.txt").read_text() == "mine"
 
 

@@ -10,11 +10,11 @@ from diffkiln.errors import OutputError, ParityError
 from diffkiln.exporter import ExportOptions, export, open_source
 from diffkiln.exporter import kiln_export as export_module
 from diffkiln.exporter.sources import MODULE_OF
+from diffkiln.exporter.torch_weights import lora_weights
 from diffkiln.exporter.wrappers import wrap
 from diffkiln.onnxio import iter_initializers, load_graph
 from diffkiln.parity import ort_session
 from diffkiln.specs import component_specs, dims
-from diffkiln.weight_map import lora_weights
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
@@ -138,7 +138,7 @@ def test_up_to_date_and_force(tmp_path):
     export(open_source("tiny"), out, options, messages.append)
     assert messages == [f"{out} is up to date with tiny (use --force to re-export)"]
     assert (out / kiln.MANIFEST).stat().st_mtime_ns == stamp
-    with pytest.raises(OutputError, match="already exists and holds another export"):
+    with pytest.raises(OutputError, match="already holds another kiln dir"):
         export(open_source("tiny"), out, ExportOptions(components=("vae_encoder",)), quiet)
     export(open_source("tiny"), out, ExportOptions(components=("vae_encoder",), force=True), quiet)
     assert list(kiln.read_manifest(out)["components"]) == ["vae_encoder"]

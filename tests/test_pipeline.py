@@ -97,12 +97,15 @@ def test_seed_is_reproducible_and_guidance_changes_the_image(tiny_kiln):
 
 def test_bad_sizes_and_latents(tiny_kiln):
     with Pipeline(tiny_kiln) as pipe:
-        with pytest.raises(DiffkilnError, match="must be a positive multiple of 16"):
-            pipe(GenerationParams(PROMPT, steps=2, height=72))
+        for height in (72, 0, -16, 144, 100000):  # one rule: a multiple of 16 within the UNet's profile
+            with pytest.raises(DiffkilnError, match=f"--height {height} must be a multiple of 16 from 16 to 128"):
+                pipe(GenerationParams(PROMPT, steps=2, height=height))
         with pytest.raises(DiffkilnError, match=r"--latents has shape \[1, 4, 4, 4\], expected \[1, 4, 8, 8\]"):
             pipe(GenerationParams(PROMPT, steps=2, latents=noise((1, 4, 4, 4))))
-        with pytest.raises(DiffkilnError, match="unet step 1 produced NaN"):
+        with pytest.raises(DiffkilnError, match="--latents holds NaN/Inf values"):
             pipe(GenerationParams(PROMPT, steps=2, latents=np.full((1, 4, 8, 8), np.nan, dtype=np.float32)))
+        with pytest.raises(DiffkilnError, match="unet step 1 produced NaN/Inf values: the graph overflows"):
+            pipe(GenerationParams(PROMPT, steps=2, latents=np.full((1, 4, 8, 8), 3e38, dtype=np.float32)))
 
 
 def test_missing_component(tiny_kiln, tmp_path):

@@ -1,5 +1,7 @@
 """`diffkiln run`: PNG out with its parameters, img2img, and one-line errors for bad input."""
 
+import os
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -57,9 +59,19 @@ def test_img2img(tiny_kiln, tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (("--scheduler", "plms"), "unknown scheduler 'plms'"),
-        (("--height", 60), "--height 60 is not a multiple of 8"),
-        (("--width", 72), "--width 72 must be a positive multiple of 16"),
+        (("--scheduler", "plms"), "unknown sampler 'plms'"),
+        (("--height", 60), "--height 60 must be a multiple of 16 from 16 to 128 for this model"),
+        (("--width", 72), "--width 72 must be a multiple of 16 from 16 to 128 for this model"),
+        (("--height", 0), "--height 0 must be a multiple of 16"),
+        (("--height", 100000), "--height 100000 must be a multiple of 16 from 16 to 128"),
+        (("--guidance", "nan"), "--guidance nan must be a finite number"),
+        (("--scheduler", "lcm", "--steps", 1000), "cannot schedule these steps: LCM: 1000 steps do not fit"),
+        (("--image", "{tmp}/img.png", "--strength", 0.01, "--steps", 1), "leaves no steps out of 1"),
+        (("-o", "{tmp}/x.gif"), "unknown image type '.gif'"),
+        (("-o", "{tmp}/fifo.png"), "fifo.png exists and is not a regular file"),
+        (("-o", "/dev/null"), "unknown image type ''"),
+        (("--latents", "{tmp}/l.npz"), "is not a single .npy array (an .npz archive?)"),
+        (("--latents", "{tmp}/huge.npy"), "is not a .npy array file"),
         (("--image", "{tmp}/notes.txt"), "is not an image Pillow can read"),
         (("--latents", "{tmp}/notes.txt"), "is not a .npy array file"),
         (("-o", "{tmp}/missing/x.png"), "folder {tmp}/missing does not exist"),
@@ -67,16 +79,25 @@ def test_img2img(tiny_kiln, tmp_path):
 )
 def test_bad_input(tiny_kiln, tmp_path, args, fragment):
     (tmp_path / "notes.txt").write_text("not an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    np.savez(tmp_path / "l.npz", x=np.zeros((1, 4, 8, 8), np.float32))
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 4, 8, 8), np.float32))
+    with open(tmp_path / "huge.npy", "wb") as fh:  # a header claiming 4 PB of latents, and no data
+        np.lib.format.write_array_header_1_0(fh, {**header, "shape": (1 << 20, 4, 1 << 15, 1 << 15)})
     args = [str(a).format(tmp=tmp_path) for a in args]
     out = ["-o", tmp_path / "x.png"] if "-o" not in args else []
     assert_error(run("a cat", "-m", tiny_kiln, "--steps", 2, *args, *out), fragment.format(tmp=tmp_path))
     assert not (tmp_path / "x.png").exists()
 
 
-def test_nan_latents_name_the_stage(tiny_kiln, tmp_path):
+def test_nan_latents_are_refused_and_overflow_names_the_stage(tiny_kiln, tmp_path):
     np.save(tmp_path / "nan.npy", np.full((1, 4, 8, 8), np.nan, dtype=np.float32))
     result = run("a cat", "-m", tiny_kiln, "--latents", tmp_path / "nan.npy", "-o", tmp_path / "x.png")
-    assert_error(result, "unet step 1 produced NaN/Inf values")
+    assert_error(result, "--latents holds NaN/Inf values")
+    np.save(tmp_path / "big.npy", np.full((1, 4, 8, 8), 3e38, dtype=np.float32))
+    result = run("a cat", "-m", tiny_kiln, "--latents", tmp_path / "big.npy", "-o", tmp_path / "x.png")
+    assert_error(result, "unet step 1 produced NaN/Inf values: the graph overflows")
 
 
 def test_kiln_dir_missing_a_component(tiny_kiln, tmp_path):

@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -66,30 +65,27 @@ def optimize_with_ort_transformers(kiln_dir: Path) -> dict:
     import onnxruntime as ort
 
     out = kiln_dir / "optimized" / "ort-transformers-fp32"
-    source_sha = kiln.file_sha256(kiln_dir / kiln.MANIFEST)
-    previous = _read_report(out)
-    if previous and previous.get("source_manifest") == source_sha:
-        return {"kiln_dir": str(out), "seconds": previous["seconds"], "done_now": False, "fused": previous["fused"]}
-
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
     manifest = kiln.read_manifest(kiln_dir)
-    components = {n: r for n, r in manifest["components"].items() if n in MODEL_TYPES}
-    start, fused = time.perf_counter(), {}
+    stamp = {"source_manifest": kiln.file_sha256(kiln_dir / kiln.MANIFEST)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with kiln.staged_dir(out) as tmp:
+    with kiln.StageWriter(out, "ort-transformers", stamp, sources=[kiln_dir], nested_ok=True, same_kind=()) as w:
+        previous = _read_report(out) if w.up_to_date else None
+        if previous:
+            return {"kiln_dir": str(out), "seconds": previous["seconds"], "done_now": False, "fused": previous["fused"]}
+        logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+        gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        components = {n: dict(r) for n, r in manifest["components"].items() if n in MODEL_TYPES}
+        start, fused = time.perf_counter(), {}
         for name, record in components.items():
+            dst = kiln.model_path(w.tmp, name)
             external = bool(record.get("external_data"))
-            fused[name] = _optimize_component(
-                kiln.model_path(kiln_dir, name), kiln.model_path(tmp, name), MODEL_TYPES[name], gpu, external
-            )
-        for folder in [*manifest.get("tokenizers", []), "scheduler"]:
-            shutil.copytree(kiln_dir / folder, tmp / folder)
+            fused[name] = _optimize_component(kiln.model_path(kiln_dir, name), dst, MODEL_TYPES[name], gpu, external)
+            record["files"] = kiln.file_records(dst.parent)
+        w.copy_support(kiln_dir, manifest)
         seconds = time.perf_counter() - start
         optimized = {"target": "onnxruntime.transformers", "precision": "fp32", "from": str(kiln_dir.resolve())}
-        kiln.write_json(tmp / kiln.MANIFEST, {**manifest, "components": components, "optimized": optimized})
-        report = {"source_manifest": source_sha, "gpu_fusions": gpu, "fused": fused, "seconds": seconds}
-        kiln.write_json(tmp / REPORT, report)
+        report = {**stamp, "gpu_fusions": gpu, "fused": fused, "seconds": seconds}
+        w.finish({**manifest, "components": components, "optimized": optimized}, reports={REPORT: report})
     return {"kiln_dir": str(out), "seconds": seconds, "done_now": True, "fused": fused}
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln import __version__, kiln
-from diffkiln.errors import DiffkilnError, OutputError
+from diffkiln.errors import DiffkilnError
 from diffkiln.exporter.sources import MODULE_OF, Source
 from diffkiln.onnxio import consolidate_external_data, stamp_io_shapes
 from diffkiln.parity import MAX_REL_ERR, check, ort_session
 from diffkiln.specs import ComponentSpec, component_specs, parity_dims
-from diffkiln.weight_map import fingerprint, lora_weights, map_weights
+from diffkiln.weight_map import map_weights
 
 DEFAULT_OPSET = 17
 # a full gc pass over torch's and diffusers' objects takes ~0.2 s: worth it only to free a big module's weights
@@ -38,6 +38,7 @@ class ExportOptions:
     components: tuple[str, ...] | None = None  # None: all of the pipeline's components
     opset: int = DEFAULT_OPSET
     force: bool = False
+    wait: bool = False  # block on another process writing the same output (the user cache) instead of failing
     max_rel_err: float = MAX_REL_ERR["fp32"]
 
 
@@ -51,26 +52,23 @@ def export(source: Source, out: Path, options: ExportOptions = ExportOptions(), 
         raise DiffkilnError(f"unknown component {', '.join(unknown)}; this pipeline has {', '.join(specs)}")
     if options.opset not in OPSETS:
         raise DiffkilnError(f"--opset {options.opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
-    kiln.check_writable(out)
     source_fp = source.fingerprint()
-    if out.exists() and not options.force:
-        if _up_to_date(out, source_fp, names, options.opset):
+    stamp = {"source": source_fp, "components": sorted(names), "opset": options.opset}
+    sources = [source.path] if source.path else []
+    with kiln.StageWriter(out, "export", stamp, force=options.force, sources=sources, wait=options.wait, log=log) as w:
+        if w.up_to_date:
             log(f"{out} is up to date with {source.ref} (use --force to re-export)")
-            return kiln.read_manifest(out)
-        if any(out.iterdir()):
-            raise OutputError(f"{out} already exists and holds another export; pass --force to replace it")
-
-    manifest = _manifest_head(source, source_fp, options)
-    weight_map = {}
-    with kiln.staged_dir(out) as tmp:
+            return w.existing
+        manifest = _manifest_head(source, source_fp, options)
+        weight_map = {}
         for name in names:
-            record, weight_map[name] = export_component(source, specs[name], tmp, options, log)
+            record, weight_map[name] = export_component(source, specs[name], w.tmp, options, log)
             manifest["components"][name] = record
-        manifest["tokenizers"] = source.copy_tokenizers(tmp)
-        (tmp / "scheduler").mkdir()
-        kiln.write_json(tmp / "scheduler" / "scheduler_config.json", source.scheduler_config())
-        kiln.write_json(tmp / kiln.WEIGHT_MAP, weight_map)
-        kiln.write_json(tmp / kiln.MANIFEST, manifest)
+        manifest["tokenizers"] = source.copy_tokenizers(w.tmp)
+        (w.tmp / kiln.SCHEDULER).mkdir()
+        kiln.write_json(w.tmp / kiln.SCHEDULER / "scheduler_config.json", source.scheduler_config())
+        kiln.write_json(w.tmp / kiln.WEIGHT_MAP, weight_map)
+        w.finish(manifest)
     return manifest
 
 
@@ -81,6 +79,7 @@ def export_component(
     import torch
 
     from diffkiln.exporter import wrappers  # torch modules: imported only when exporting
+    from diffkiln.exporter.torch_weights import fingerprint, lora_weights
 
     start = time.perf_counter()
     cases = parity_dims(source.info)
@@ -113,7 +112,7 @@ def export_component(
     if big:
         gc.collect()
 
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": kiln.file_sha256(p)} for p in sorted(path.parent.iterdir())}
+    files = kiln.file_records(path.parent)
     worst = max(o["rel_err"] for r in results for o in r["outputs"].values())
     seconds = time.perf_counter() - start
     size = sum(f["bytes"] for f in files.values())
@@ -182,21 +181,3 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             found[pkg] = version(pkg)
     return found
-
-
-def _up_to_date(out: Path, source_fp: str, names: list[str], opset: int) -> bool:
-    """Same source, components and opset, and every recorded file still has its recorded size."""
-    try:
-        manifest = kiln.read_manifest(out)
-    except DiffkilnError:
-        return False
-    if manifest.get("source", {}).get("fingerprint") != source_fp or manifest.get("opset") != opset:
-        return False
-    if sorted(manifest.get("components", {})) != sorted(names):
-        return False
-    for name, record in manifest["components"].items():
-        for fname, meta in record["files"].items():
-            f = out / name / fname
-            if not f.is_file() or f.stat().st_size != meta["bytes"]:
-                return False
-    return True

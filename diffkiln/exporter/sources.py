@@ -55,6 +55,7 @@ class Source:
     ref: str
     kind: str  # preset | folder
     info: PipelineInfo
+    path: Path | None = None  # the folder a folder source reads: no stage may write into or around it
 
     @property
     def components(self) -> list[str]:
@@ -154,6 +155,9 @@ class FolderSource(Source):
             texts.append(_read_json(self.path / "text_encoder_2" / "config.json"))
         scheduler = self.scheduler_config()
         kind = "sdxl" if sdxl else ("sd2" if texts[0].get("hidden_size") == 1024 else "sd1")
+        for tokenizer in ("tokenizer", "tokenizer_2"):  # bad JSON here would only surface at `run` time
+            for f in sorted((self.path / tokenizer).glob("*.json")):
+                _read_json(f)
         eos = _read_json(self.path / "tokenizer" / "vocab.json").get("<|endoftext|>", 49407)
         self.info = _info(kind, configs["unet"], configs["vae"], texts, scheduler, eos)
 
@@ -188,13 +192,15 @@ class FolderSource(Source):
 
     def fingerprint(self) -> str:
         """sha256 over every config and weight file (weights are streamed, never held in memory)."""
-        h = hashlib.sha256()
-        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
-            h.update(str(f.relative_to(self.path)).encode())
+        h = hashlib.sha256(b"diffkiln-folder/2")
+        files = sorted((f.relative_to(self.path).as_posix(), f) for f in self.path.rglob("*") if f.is_file())
+        for rel, f in files:  # every field length-framed: no two different folders hash the same stream
+            name = rel.encode("utf-8", "surrogateescape")
+            h.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
             with open(f, "rb") as fh:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
-        return "folder:" + h.hexdigest()[:32]
+        return "folder:" + h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:

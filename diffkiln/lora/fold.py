@@ -54,57 +54,60 @@ def fold_loras(
     start = time.perf_counter()
     kiln_dir = Path(kiln_dir)
     manifest = kiln.read_manifest(kiln_dir)
-    weight_map = _read_weight_map(kiln_dir)
-    out, refit_payload = _check_outputs(kiln_dir, out, refit_payload, force)
+    weight_map = kiln.read_weight_map(kiln_dir)
+    refit_payload = _check_payload(refit_payload, force)
+    if out is None and refit_payload is None:
+        raise LoraError("nothing to write: give an output kiln dir (-o OUT) and/or a refit payload (--refit-payload)")
+    writer = (
+        kiln.StageWriter(out, "lora", None, force=force, sources=[kiln_dir], nested_ok=True, log=log) if out else None
+    )
     loras = [(Path(p), _scale(p, s)) for p, s in loras]
     embeddings = [(Path(p), t) for p, t in embeddings]
     if not loras and not embeddings:
         raise LoraError("nothing to fold: give at least one LoRA (--lora FILE:SCALE) or embedding (--embedding FILE)")
 
-    graphs = GraphCache(kiln_dir)
-    plan, lora_records = plan_loras(loras, weight_map, manifest, graphs, allow_partial, log)
-    tokens, embedding_records = plan_embeddings(embeddings, manifest, weight_map, graphs, kiln_dir)
-    if out:  # unchanged components are hard links, unless `out` is on another disk
-        same_disk = os.stat(kiln_dir).st_dev == os.stat(out.parent).st_dev
-        rewritten = [c for c in manifest["components"] if c in plan or c in tokens or not same_disk]
-        kiln.check_space(out, kiln.components_bytes(kiln_dir, rewritten))
-    record = {
-        "base": {"path": str(kiln_dir.resolve()), "manifest_sha256": kiln.file_sha256(kiln_dir / kiln.MANIFEST)},
-        "loras": lora_records,
-        "embeddings": embedding_records,
-    }
-    payload = _payload_writer(refit_payload, plan, graphs, record)
-    if payload and tokens:
-        log(
-            "note: the refit payload holds the LoRA weights only; new tokens change a token table's shape, "
-            "so engines with them must be built from the folded kiln dir"
-        )
-    components: dict[str, dict] = {}
-    try:
-        with (
-            kiln.full_disk_is_an_error(out or refit_payload),
-            kiln.staged_dir(out) if out else contextlib.nullcontext() as tmp,
-        ):
-            for name in manifest["components"]:
-                dst = Path(tmp) / name if tmp else None
-                if name in plan or name in tokens:
-                    components[name] = _fold_component(
-                        name, graphs, plan.get(name, {}), tokens.get(name), dst, payload, weight_map, log
-                    )
-                elif dst:
-                    dst.mkdir()
-                    for f in (kiln_dir / name).iterdir():
-                        link_or_copy(f, dst / f.name)
-            if tmp:
-                _write_rest(kiln_dir, Path(tmp), manifest, tokens, components, graphs, record)
+    with writer or contextlib.nullcontext() as w:
+        graphs = GraphCache(kiln_dir)
+        plan, lora_records = plan_loras(loras, weight_map, manifest, graphs, allow_partial, log)
+        tokens, embedding_records = plan_embeddings(embeddings, manifest, weight_map, graphs, kiln_dir)
+        if w:  # unchanged components are hard links, unless `out` is on another disk
+            same_disk = os.stat(kiln_dir).st_dev == os.stat(w.out.parent).st_dev
+            rewritten = [c for c in manifest["components"] if c in plan or c in tokens or not same_disk]
+            w.check_space(kiln.components_bytes(kiln_dir, rewritten))
+        record = {
+            "base": {"path": str(kiln_dir.resolve()), "manifest_sha256": kiln.file_sha256(kiln_dir / kiln.MANIFEST)},
+            "loras": lora_records,
+            "embeddings": embedding_records,
+        }
+        payload = _payload_writer(refit_payload, plan, graphs, record)
+        if payload and tokens:
+            log(
+                "note: the refit payload holds the LoRA weights only; new tokens change a token table's shape, "
+                "so engines with them must be built from the folded kiln dir"
+            )
+        components: dict[str, dict] = {}
+        try:
+            with kiln.full_disk_is_an_error(out or refit_payload):
+                for name in manifest["components"]:
+                    dst = w.tmp / name if w else None
+                    if name in plan or name in tokens:
+                        components[name] = _fold_component(
+                            name, graphs, plan.get(name, {}), tokens.get(name), dst, payload, weight_map, log
+                        )
+                    elif dst:
+                        dst.mkdir()
+                        for f in (kiln_dir / name).iterdir():
+                            link_or_copy(f, dst / f.name)
+                if w:
+                    _write_rest(kiln_dir, w, manifest, tokens, components, graphs, record)
+                if payload:
+                    payload.close()
+        except BaseException:
             if payload:
-                payload.close()
-    except BaseException:
+                payload.abort()
+            raise
         if payload:
-            payload.abort()
-        raise
-    if payload:
-        os.replace(payload.path, refit_payload)
+            os.replace(payload.path, refit_payload)
     seconds = time.perf_counter() - start
     log(f"folded into {out or refit_payload} in {seconds:.1f} s")
     refit = {"path": str(refit_payload), "tensors": len(payload.record["base_sha256"])} if payload else None
@@ -173,59 +176,50 @@ def _folded(base: np.ndarray, contributions: list[Contribution]) -> np.ndarray:
 
 
 def _write_rest(
-    kiln_dir: Path, tmp: Path, manifest: dict, tokens: Tokens, components: dict, graphs: GraphCache, record: dict
+    kiln_dir: Path, w: kiln.StageWriter, manifest: dict, tokens: Tokens, components: dict, graphs: GraphCache, record
 ) -> None:
     """Tokenizers (with new tokens), scheduler, weight map, other top-level files, and the updated manifest."""
     new = copy.deepcopy(manifest)
-    for folder in manifest.get("tokenizers", []):
-        component = next((c for c, f in TOKENIZER_OF.items() if f == folder), None)
-        if component in tokens:
-            write_tokens(kiln_dir / folder, tmp / folder, tokens[component][0])
-        else:
-            shutil.copytree(kiln_dir / folder, tmp / folder)
-    shutil.copytree(kiln_dir / "scheduler", tmp / "scheduler")
+    grown = {TOKENIZER_OF[c] for c in tokens}
+    w.copy_support(kiln_dir, manifest, skip=grown)
+    for folder in grown:
+        write_tokens(
+            kiln.inside(kiln_dir, folder, f"tokenizer folder {folder!r}"),
+            w.tmp / folder,
+            tokens[_component_of(folder)][0],
+        )
     for f in kiln_dir.iterdir():
-        if f.is_file() and f.name != kiln.MANIFEST and not f.name.startswith("."):
-            shutil.copy2(f, tmp / f.name)
+        if f.is_file() and not f.is_symlink() and f.name != kiln.MANIFEST and not f.name.startswith("."):
+            shutil.copy2(f, w.tmp / f.name)
     for name in components:
         files = new["components"][name]["files"]
         written = graphs.get(name).written  # new files and their hashes; the rest are links to the base's
-        for p in sorted((tmp / name).iterdir()):
+        for p in sorted((w.tmp / name).iterdir()):
             old, size = files.get(p.name, {}), p.stat().st_size
             sha = written.get(p.name) or (old.get("bytes") == size and old.get("sha256")) or kiln.file_sha256(p)
             files[p.name] = {"bytes": size, "sha256": sha}
         graphs.close(name)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    new["source"]["fingerprint"] = f"{manifest['source']['fingerprint']}+lora:{digest}"
+    new["source"]["fingerprint"] = f"{manifest['source'].get('fingerprint', '')}+lora:{digest}"
     new["lora"] = {**record, **({"previous": manifest["lora"]} if "lora" in manifest else {})}
-    kiln.write_json(tmp / kiln.MANIFEST, new)
+    w.finish(new)
 
 
-def _read_weight_map(kiln_dir: Path) -> dict:
-    try:
-        return json.loads((kiln_dir / kiln.WEIGHT_MAP).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise LoraError(
-            f"{kiln_dir} has no readable {kiln.WEIGHT_MAP}; re-export it with `diffkiln export --force`"
-        ) from None
+def _component_of(folder: str) -> str:
+    return next(c for c, f in TOKENIZER_OF.items() if f == folder)
 
 
-def _check_outputs(kiln_dir: Path, out, payload, force: bool) -> tuple[Path | None, Path | None]:
-    out, payload = (Path(out) if out else None), (Path(payload) if payload else None)
-    if out is None and payload is None:
-        raise LoraError("nothing to write: give an output kiln dir (-o OUT) and/or a refit payload (--refit-payload)")
-    if out:
-        if out.resolve() == kiln_dir.resolve():
-            raise OutputError(f"{out} is the base kiln dir; write the folded kiln dir somewhere else")
-        kiln.check_writable(out)
-        if out.exists() and any(out.iterdir()) and not force:
-            raise OutputError(f"{out} already exists and is not empty; pass --force to replace it")
-    if payload:
-        if not payload.parent.is_dir() or not os.access(payload.parent, os.W_OK | os.X_OK):
-            raise OutputError(f"cannot write {payload}: folder {payload.parent} does not exist or is not writable")
-        if payload.is_dir() or (payload.exists() and not force):
-            raise OutputError(f"{payload} already exists; pass --force to replace it")
-    return out, payload
+def _check_payload(payload, force: bool) -> Path | None:
+    if payload is None:
+        return None
+    payload = Path(os.path.abspath(payload))
+    if not payload.parent.is_dir() or not os.access(payload.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {payload}: folder {payload.parent} does not exist or is not writable")
+    if payload.is_symlink() or (payload.exists() and not payload.is_file()):
+        raise OutputError(f"{payload} exists and is not a regular file; choose another --refit-payload path")
+    if payload.exists() and not force:
+        raise OutputError(f"{payload} already exists; pass --force to replace it")
+    return payload
 
 
 def _scale(path, scale) -> float:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffkiln.kiln import file_sha256
+from diffkiln.lora.errors import LoraError
 from diffkiln.lora.names import KOHYA_PREFIXES, Resolver
 from diffkiln.lora.tensorfile import TensorFile
 
@@ -110,6 +111,8 @@ def read_lora(path: Path, resolver: Resolver) -> LoraFile:
     """Parse a LoRA file and resolve each module to a weight of the kiln (see module docstring)."""
     file = TensorFile(path)
     keys = file.keys()
+    if not keys:
+        raise LoraError(f"{path} holds no tensors; it is not a LoRA (or it was saved empty)")
     kohya = all(k.startswith(tuple(p for p, _ in KOHYA_PREFIXES)) for k in keys)
     groups, unsupported = _group(keys, kohya)
     meta = _peft_metadata(file.metadata)
@@ -170,7 +173,10 @@ def _peft_metadata(metadata: dict[str, str]) -> dict[str, dict]:
 def _alpha(module: str, roles: dict, file: TensorFile, meta: dict, kohya: bool) -> tuple[float | None, bool]:
     """The module's alpha (None: rank) and whether it is rsLoRA-scaled."""
     if "alpha" in roles:
-        return float(file.get(roles["alpha"]).reshape(-1)[0]), False
+        alpha = file.get(roles["alpha"]).reshape(-1)
+        if alpha.size != 1 or not alpha[0] > 0:
+            raise LoraError(f"{file.path}: {roles['alpha']} must be one positive number, got {alpha[:4].tolist()}")
+        return float(alpha[0]), False
     if kohya:
         return None, False
     component, _, path = module.removeprefix("base_model.model.").partition(".")
@@ -180,4 +186,10 @@ def _alpha(module: str, roles: dict, file: TensorFile, meta: dict, kohya: bool) 
         if re.match(rf"(.*\.)?({pattern})$", path):  # peft's own pattern match (peft.utils.other.get_pattern_key)
             alpha = value
             break
-    return (None if alpha is None else float(alpha)), bool(config.get("use_rslora"))
+    try:
+        value = None if alpha is None else float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise LoraError(f"{file.path}: lora_alpha {alpha!r} of {module} is not a positive finite number")
+    return value, bool(config.get("use_rslora"))

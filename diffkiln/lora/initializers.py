@@ -24,6 +24,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from diffkiln.kiln import file_sha256
+from diffkiln.kiln_reader import inside
 from diffkiln.onnxio import ALIGN, load_graph
 
 
@@ -65,7 +66,7 @@ class ComponentGraph:
         if t.data_location != TensorProto.EXTERNAL:
             return numpy_helper.to_array(t)
         info = self._external(name)
-        with open(self.folder / info["location"], "rb") as fh:
+        with open(self._file(info["location"]), "rb") as fh:
             fh.seek(int(info.get("offset", 0)))
             raw = fh.read(int(info["length"]) if "length" in info else -1)
         return np.frombuffer(raw, dtype=self.dtype(name).newbyteorder("<")).reshape(self.shape(name))
@@ -93,6 +94,8 @@ class ComponentGraph:
             return
         dst.mkdir(parents=True)
         changed = {self._location(n) for n in names} - {None}
+        for location in changed:
+            self._file(location)
         for f in sorted(p for p in self.folder.iterdir() if p.is_file() and p.name != "model.onnx"):
             # the kernel copies (sendfile); the changed tensors are then overwritten in the copy
             (shutil.copyfile if f.name in changed else link_or_copy)(f, dst / f.name)
@@ -135,6 +138,10 @@ class ComponentGraph:
             t.external_data.add(key=key, value=v)
         t.dims[:] = value.shape
         return True
+
+    def _file(self, location: str) -> Path:
+        """An external-data file, which must lie inside the component folder (a crafted graph may name any)."""
+        return inside(self.folder, location, f"{self.folder.name}/model.onnx: external data location")
 
     def _external(self, name: str) -> dict[str, str]:
         return {e.key: e.value for e in self.tensors[name].external_data}

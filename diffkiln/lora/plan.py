@@ -91,7 +91,7 @@ def _check_file(
     if fit == 0:
         raise LoraError(f"{summary}; nothing to fold")
     if not allow_partial:
-        raise LoraError(f"{summary}; pass allow_partial=True (--allow-partial) to fold the {fit} that fit")
+        raise LoraError(f"{summary}; pass --allow-partial to fold the {fit} that fit")
     skipped = [s for items, _ in groups for s in items]
     log(f"warning: {summary}; skipping {len(skipped)}: {', '.join(skipped[:10])}{' …' if len(skipped) > 10 else ''}")
     return skipped

@@ -53,11 +53,16 @@ class TensorFile:
         return self._entries[key][1]
 
     def get(self, key: str) -> np.ndarray:
+        """The tensor as float32; a NaN or infinity in it is an error (it would poison every folded weight)."""
         dtype, shape, (begin, end) = self._entries[key]
         raw = self._data[begin:end]
         if dtype == "BF16":
-            return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        return raw.view(_NUMPY[dtype]).astype(np.float32).reshape(shape)
+            value = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        else:
+            value = raw.view(_NUMPY[dtype]).astype(np.float32).reshape(shape)
+        if not np.isfinite(value).all():
+            raise LoraError(f"{self.path}: tensor {key} holds NaN/Inf values; the file is damaged")
+        return value
 
 
 def _entry(key: str, info: dict, data_size: int) -> tuple[str, tuple[int, ...], tuple[int, int]]:
@@ -116,7 +121,3 @@ class TensorWriter:
     def abort(self) -> None:
         self._fh.close()
         self.path.unlink(missing_ok=True)
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    return TensorFile(path).metadata

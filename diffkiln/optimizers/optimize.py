@@ -8,9 +8,9 @@ a failure names the component, output and stage, and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from diffkiln import __version__, kiln
-from diffkiln.errors import OutputError
+from diffkiln.errors import library_errors
 from diffkiln.onnxio import has_external_data, load_graph
 from diffkiln.optimizers.manager import run_passes
 from diffkiln.optimizers.presets import preset
@@ -48,58 +48,75 @@ def optimize(
     kiln_dir = Path(kiln_dir)
     manifest = kiln.read_manifest(kiln_dir)
     passes = preset(target, precision, attention)  # validates target and precision before any work
+    default = out is None or Path(out) == default_out(kiln_dir, target, precision)
     out = Path(out) if out else default_out(kiln_dir, target, precision)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kiln.check_writable(out)
     stamp = {
         "source_manifest": kiln.file_sha256(kiln_dir / kiln.MANIFEST),
         "target": target,
         "precision": precision,
         "attention": attention or "default",
     }
-    if out.exists() and not force:
-        previous = _read_report(out) or {}
-        if all(previous.get(k) == v for k, v in stamp.items()):
-            log(f"{out} is up to date (use --force to re-optimize)")
-            return previous
-        same_kind = all(previous.get(k) == stamp[k] for k in ("target", "precision", "attention"))
-        if not same_kind and any(out.iterdir()):
-            raise OutputError(f"{out} already exists and holds something else; pass --force to replace it")
-        log(f"{out} is stale (its source kiln changed): re-optimizing")
+    made_parent = default and not out.parent.exists()
+    if made_parent:
+        out.parent.mkdir(parents=True)
+    try:
+        writer = kiln.StageWriter(
+            out,
+            "optimize",
+            stamp,
+            force=force,
+            sources=[kiln_dir],
+            nested_ok=True,
+            same_kind=("target", "precision", "attention"),
+            log=log,
+        )
+        with writer as w:
+            if w.up_to_date:
+                log(f"{out} is up to date (use --force to re-optimize)")
+                return _read_report(out) or {}
+            w.check_space(kiln.components_bytes(kiln_dir, manifest["components"]))
+            report = _optimize_into(kiln_dir, manifest, w, passes, stamp, log)
+    except BaseException:
+        if made_parent:
+            with contextlib.suppress(OSError):
+                out.parent.rmdir()  # only if still empty: never leave an empty KILN/optimized/ behind
+        raise
+    return report
 
-    kiln.check_space(out, kiln.components_bytes(kiln_dir, manifest["components"]))
+
+def _optimize_into(kiln_dir: Path, manifest: dict, w: kiln.StageWriter, passes, stamp: dict, log) -> dict:
     info = PipelineInfo.from_json(manifest["pipeline"])
     specs = component_specs(info)
-    weight_map = json.loads((kiln_dir / kiln.WEIGHT_MAP).read_text())
+    weight_map = kiln.read_weight_map(kiln_dir)
     report = {**stamp, "created_by": f"diffkiln {__version__}", "components": {}}
     new_manifest = json.loads(json.dumps(manifest))
-    new_manifest["optimized"] = {"target": target, "precision": precision, "from": str(kiln_dir.resolve())}
-    with kiln.staged_dir(out) as tmp:
-        for name in manifest["components"]:
-            src = kiln.model_path(kiln_dir, name)
-            dst = kiln.model_path(tmp, name)
-            record = optimize_component(src, dst, specs[name], info, passes, log)
-            weight_map[name], lost = follow(weight_map.get(name, {}), src, dst)
-            record["weights_lost"] = lost
-            report["components"][name] = record
-            new_manifest["components"][name].update(
-                files={
-                    p.name: {"bytes": p.stat().st_size, "sha256": kiln.file_sha256(p)} for p in dst.parent.iterdir()
-                },
-                external_data=(dst.parent / "model.onnx.data").exists(),
-                optimize=record,
-            )
-        for folder in [*manifest.get("tokenizers", []), "scheduler"]:
-            shutil.copytree(kiln_dir / folder, tmp / folder)
-        kiln.write_json(tmp / kiln.WEIGHT_MAP, weight_map)
-        kiln.write_json(tmp / kiln.MANIFEST, new_manifest)
-        kiln.write_json(tmp / REPORT, report)
+    new_manifest["optimized"] = {
+        "target": stamp["target"],
+        "precision": stamp["precision"],
+        "from": str(kiln_dir.resolve()),
+    }
+    for name in manifest["components"]:
+        src = kiln.model_path(kiln_dir, name)
+        dst = kiln.model_path(w.tmp, name)
+        record = optimize_component(src, dst, specs[name], info, passes, log)
+        weight_map[name], lost = follow(weight_map.get(name, {}), src, dst)
+        record["weights_lost"] = lost
+        report["components"][name] = record
+        new_manifest["components"][name].update(
+            files=kiln.file_records(dst.parent),
+            external_data=(dst.parent / "model.onnx.data").exists(),
+            optimize=record,
+        )
+    w.copy_support(kiln_dir, manifest)
+    kiln.write_json(w.tmp / kiln.WEIGHT_MAP, weight_map)
+    w.finish(new_manifest, reports={REPORT: report})
     return report
 
 
 def optimize_component(src: Path, dst: Path, spec, info: PipelineInfo, passes, log: Callable) -> dict:
     start = time.perf_counter()
-    model = ir.load(str(src))  # external weights stay memory-mapped on disk
+    with library_errors(f"cannot read {src}", "re-export the kiln dir"):
+        model = ir.load(str(src))  # external weights stay memory-mapped on disk
     records = run_passes(model, passes)
     dst.parent.mkdir(parents=True)
     _save(model, dst, external=has_external_data(load_graph(src)))
@@ -131,8 +148,9 @@ def optimize_component(src: Path, dst: Path, spec, info: PipelineInfo, passes, l
 
 
 def _run_all(path: Path, names: list[str], feeds: list[dict]) -> list[dict]:
-    session = ort_session(path)
-    outputs = [dict(zip(names, session.run(names, f), strict=True)) for f in feeds]
+    with library_errors(f"ONNX Runtime cannot run {path}", "re-export the kiln dir"):
+        session = ort_session(path)
+        outputs = [dict(zip(names, session.run(names, f), strict=True)) for f in feeds]
     session = None
     gc.collect()
     return outputs

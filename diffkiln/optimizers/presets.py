@@ -57,7 +57,9 @@ def preset(target: str, precision: str = "fp32", attention: str | None = None) -
     if target not in TARGETS:
         raise DiffkilnError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if precision not in PRECISIONS:
-        raise DiffkilnError(f"precision {precision!r} is not available yet; choose one of {', '.join(PRECISIONS)}")
+        if precision in ("fp16", "int8"):
+            raise DiffkilnError(f"--precision {precision} is not built into diffkiln yet; use fp32")
+        raise DiffkilnError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     forced = (lambda facts: attention) if attention else None
     if target == "ort-cpu":
         upgrade = [("opset-23", to_opset(23))] if attention == "onnx" else []  # ONNX Attention is opset 23

@@ -16,49 +16,54 @@ def generate(
     kiln_dir: Path, *, image_path=None, latents_path=None, out=Path("out.png"), echo=print, **kw
 ) -> list[Path]:
     if kw.get("scheduler") not in schedulers.SAMPLERS:
-        raise DiffkilnError(
-            f"unknown scheduler {kw.get('scheduler')!r}; choose one of {', '.join(schedulers.SAMPLERS)}"
-        )
+        raise DiffkilnError(f"unknown sampler {kw.get('scheduler')!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
     params = GenerationParams(**kw)
-    for name in ("height", "width"):
-        value = getattr(params, name)
-        if value is not None and value % 8:
-            raise DiffkilnError(f"--{name} {value} is not a multiple of 8")
+    params.check()
+    paths = images.output_paths(Path(out), params.batch)
+    for path in paths:
+        images.check_output(path)
     if image_path is not None:
         params.image = images.load_image(image_path)
     if latents_path is not None:
         params.latents = _load_latents(latents_path)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise DiffkilnError(f"cannot write {out}: folder {out.parent} does not exist")
 
     with Pipeline(kiln_dir) as pipe:
+        if params.image is not None:  # the init image's size rounded down, unless a size is given
+            params.height = params.image.shape[0] // 8 * 8 if params.height is None else params.height
+            params.width = params.image.shape[1] // 8 * 8 if params.width is None else params.width
+        params.height, params.width = pipe.size_for(params)  # the one size rule, before anything is allocated
         if params.image is not None:
-            height = params.height or params.image.shape[0] // 8 * 8
-            width = params.width or params.image.shape[1] // 8 * 8
-            params.image = images.resize(params.image, height, width)
-        params.height, params.width = pipe.size_for(params)
+            params.image = images.resize(params.image, params.height, params.width)
         result = _with_progress(pipe, params)
-    paths = images.output_paths(out, params.batch)
     text = images.a1111_parameters(params, str(kiln_dir))
     for i, (image, path) in enumerate(zip(result.to_uint8(), paths, strict=True)):
-        images.save_png(image, path, {"parameters": text, "diffkiln": {"index": i, "kiln_dir": str(kiln_dir)}})
+        images.save_image(image, path, {"parameters": text, "diffkiln": {"index": i, "kiln_dir": str(kiln_dir)}})
     _print_timings(result.timings, echo)
     for path in paths:
         echo(f"wrote {path}")
     return paths
 
 
+MAX_LATENT_BYTES = 1 << 30
+
+
 def _load_latents(path: Path) -> np.ndarray:
+    """A float [B, C, h, w] .npy file, memory-mapped so a header claiming a huge shape costs nothing."""
     try:
-        latents = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DiffkilnError(f"{path} is not a .npy array file ({e.__class__.__name__})") from None
-    if latents.ndim != 4 or not np.issubdtype(latents.dtype, np.floating):
+        latents = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DiffkilnError(f"no such file: {path}") from None
+    except (OSError, ValueError, EOFError) as e:
         raise DiffkilnError(
-            f"--latents must hold a float array [B, 4, h, w], got {latents.dtype} {list(latents.shape)}"
+            f"{path} is not a .npy array file ({e.__class__.__name__}); save one with numpy.save"
+        ) from None
+    if not isinstance(latents, np.ndarray):
+        raise DiffkilnError(f"{path} is not a single .npy array (an .npz archive?); save one with numpy.save")
+    if latents.ndim != 4 or not np.issubdtype(latents.dtype, np.floating) or latents.nbytes > MAX_LATENT_BYTES:
+        raise DiffkilnError(
+            f"--latents must hold a float array [B, 4, h, w] under 1 GB, got {latents.dtype} {list(latents.shape)}"
         )
-    return latents
+    return np.array(latents, dtype=np.float32)
 
 
 def _with_progress(pipe: Pipeline, params: GenerationParams):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
+
+MAX_IMAGE_PIXELS = 8192 * 8192  # init images larger than this are refused before decoding
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -16,11 +19,20 @@ def load_image(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise DiffkilnError(
+                        f"{path} is {img.width}×{img.height}, over {MAX_IMAGE_PIXELS // 1_000_000} megapixels; "
+                        "resize it first"
+                    )
+                return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise DiffkilnError(f"no such image file: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DiffkilnError(f"{path} claims more pixels than Pillow will decode (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DiffkilnError(
             f"{path} is not an image Pillow can read ({e.__class__.__name__}); pass a PNG/JPEG"
         ) from None
@@ -46,18 +58,44 @@ def a1111_parameters(params, model: str) -> str:
     )
 
 
-def save_png(image: np.ndarray, path: Path, text: dict[str, str]) -> None:
-    """uint8 [H, W, 3] → PNG with text chunks; written to a temp file and renamed into place."""
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def check_output(path: Path) -> None:
+    """Before any work: `path` names a format we write, in a folder that exists, and is new or a regular file
+    (a device, fifo or folder is never replaced)."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise DiffkilnError(f"cannot write {path}: unknown image type {path.suffix!r}; use {', '.join(FORMATS)}")
+    if not path.parent.is_dir():
+        raise DiffkilnError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise DiffkilnError(f"{path} exists and is not a regular file; choose another -o")
+
+
+def save_image(image: np.ndarray, path: Path, text: dict[str, str]) -> None:
+    """uint8 [H, W, 3] → the format the extension names (PNG keeps the text as chunks, JPEG/WebP as EXIF
+    UserComment); written to a temp file and renamed into place."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    check_output(path)
+    fmt = FORMATS[path.suffix.lower()]
+    chunks = {k: v if isinstance(v, str) else json.dumps(v) for k, v in text.items()}
+    options: dict = {}
+    if fmt == "PNG":
+        info = PngInfo()
+        for key, value in chunks.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
+    else:
+        exif = Image.Exif()
+        exif[0x9286] = chunks.get("parameters", "")  # UserComment: where A1111 keeps JPEG/WebP parameters
+        options.update(exif=exif.tobytes(), quality=95)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        Image.fromarray(image).save(tmp, format=fmt, **options)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

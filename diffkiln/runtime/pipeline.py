@@ -11,6 +11,8 @@ given noise instead (what `diffusers` takes as `latents=`), and deterministic sa
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln import kiln
-from diffkiln.errors import DiffkilnError, KilnError
+from diffkiln.errors import DiffkilnError, KilnError, library_errors
 from diffkiln.lora.embeddings import expand_prompt, multi_vector_tokens
 from diffkiln.runtime import schedulers
 from diffkiln.runtime.runners import OrtRunner, Runner
 from diffkiln.runtime.tokenizer import ClipTokenizer
 from diffkiln.specs import VAE_SCALE
+
+MAX_STEPS = 1000
+MAX_BATCH = 64
+# a floor on the working memory per output pixel and image: the VAE decoder's last block holds 128 fp32
+# channels at full resolution, about three such tensors alive at once (so 100000² is refused before allocating)
+BYTES_PER_PIXEL = 128 * 4 * 3
 
 
 @dataclass
@@ -40,6 +48,25 @@ class GenerationParams:
     image: np.ndarray | None = None  # img2img: float32 [H, W, 3] in [0, 1]
     strength: float = 0.8
     latents: np.ndarray | None = None  # [B, 4, h, w] initial noise (unit variance)
+
+    def check(self) -> None:
+        """The settings a model does not decide: raises a one-line DiffkilnError naming the option."""
+        for name in ("prompt", "negative_prompt"):
+            try:
+                getattr(self, name).encode("utf-8")
+            except UnicodeEncodeError:
+                option = "the prompt" if name == "prompt" else "--negative"
+                raise DiffkilnError(f"{option} is not valid UTF-8 text; pass it as UTF-8") from None
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise DiffkilnError(f"--steps {self.steps} must be in 1..{MAX_STEPS}")
+        if not math.isfinite(self.guidance) or not -100 <= self.guidance <= 100:
+            raise DiffkilnError(f"--guidance {self.guidance} must be a finite number in -100..100 (≤ 1: off)")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise DiffkilnError(f"--batch {self.batch} must be in 1..{MAX_BATCH}")
+        if not (0.0 < self.strength <= 1.0):
+            raise DiffkilnError(f"--strength {self.strength} must be in (0, 1]")
+        if self.latents is not None and not np.isfinite(self.latents).all():
+            raise DiffkilnError("--latents holds NaN/Inf values; pass finite initial noise")
 
 
 @dataclass
@@ -90,14 +117,43 @@ class Pipeline:
         encoders = ["text_encoder", "text_encoder_2"] if self.sdxl else ["text_encoder"]
         for name in [*encoders, "unet", "vae_decoder"]:
             _require(self.kiln_dir, self.manifest, name)
-        self.tokenizers = [ClipTokenizer.from_dir(self.kiln_dir / t) for t in self.manifest["tokenizers"]]
+        folders = self.manifest.get("tokenizers", [])
+        if len(folders) != len(encoders):
+            raise KilnError(
+                f"{kiln_dir}: the manifest names {len(folders)} tokenizer(s) for {len(encoders)} text encoder(s)"
+            )
+        self.tokenizers = [ClipTokenizer.from_dir(kiln.inside(self.kiln_dir, t, "tokenizer")) for t in folders]
         self.multi_vector = multi_vector_tokens(self.manifest)  # textual inversions folded in with several vectors
-        self.scheduler_config = json.loads((self.kiln_dir / self.manifest["scheduler"]).read_text())
-        self.runners: dict[str, Runner] = {
-            name: runner_factory(kiln.model_path(self.kiln_dir, name)).activate()
-            for name in [*encoders, "unet", "vae_decoder"]
-        }
+        self.scheduler_config = _read_scheduler(self.kiln_dir, self.manifest)
         self.runner_factory = runner_factory
+        self.runners: dict[str, Runner] = {}
+        try:
+            for name in [*encoders, "unet", "vae_decoder"]:
+                self._load(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, name: str) -> None:
+        """Start the runner of one component and check its graph takes and gives what the contract names (a
+        swapped or foreign model.onnx is caught here, not as a shape error deep in a step)."""
+        path = kiln.model_path(self.kiln_dir, name)
+        with library_errors(f"cannot load {path}", "re-export or re-download the kiln dir"):
+            runner = self.runner_factory(path).activate()
+        self.runners[name] = runner
+        contract = self.manifest["components"][name].get("contract", {})
+        for kind in ("inputs", "outputs"):
+            wanted = {t.get("name") for t in contract.get(kind, []) if isinstance(t, dict)}
+            have = set(getattr(runner, f"{kind[:-1]}_names", wanted))
+            if wanted - have:
+                raise KilnError(
+                    f"{path} does not take/give {', '.join(sorted(wanted - have))}: it is not the {name} graph "
+                    "this kiln dir records; re-export or re-download it"
+                )
+
+    def _infer(self, name: str, feeds: dict) -> dict:
+        with library_errors(f"{name} failed in {self.runners[name].name}", "check the kiln dir and the settings"):
+            return self.runners[name].infer(feeds)
 
     def close(self) -> None:
         for runner in self.runners.values():
@@ -117,6 +173,7 @@ class Pipeline:
         """Generate `params.batch` images. `on_step(i, n)` is called after every denoising step."""
         start = time.perf_counter()
         timings = Timings()
+        params.check()
         height, width = self.size_for(params)
         rng = np.random.default_rng(params.seed)
         shape = (params.batch, self.info["latent_channels"], height // VAE_SCALE, width // VAE_SCALE)
@@ -128,9 +185,11 @@ class Pipeline:
         timings.text_encoding = time.perf_counter() - t0
         _check_finite(context["encoder_hidden_states"], "text encoding")
 
-        schedule = schedulers.make_schedule(
-            self.scheduler_config, params.scheduler, params.steps, params.strength if params.image is not None else 1.0
-        )
+        try:
+            strength = params.strength if params.image is not None else 1.0
+            schedule = schedulers.make_schedule(self.scheduler_config, params.scheduler, params.steps, strength)
+        except (ValueError, NotImplementedError, TypeError, KeyError) as e:
+            raise DiffkilnError(f"cannot schedule these steps: {e}; change --steps/--strength") from None
         if params.image is not None:
             t0 = time.perf_counter()
             init = self.encode_image(params.image, height, width, params.batch)
@@ -144,7 +203,7 @@ class Pipeline:
         def model_fn(x_in: np.ndarray, t: np.ndarray) -> np.ndarray:
             rows = np.concatenate([x_in, x_in]) if cfg else x_in
             feeds = {"sample": rows.astype(np.float32), "timestep": np.full(len(rows), t, dtype=np.float32)}
-            out = unet.infer({**feeds, **context})["out_sample"]
+            out = self._infer("unet", {**feeds, **context})["out_sample"]
             timings.unet_steps.append(unet.last_inference_time)
             if not cfg:
                 return out
@@ -161,7 +220,7 @@ class Pipeline:
         latents = schedulers.to_model_space(schedule, latents)
 
         t0 = time.perf_counter()
-        decoded = self.runners["vae_decoder"].infer({"latent_sample": latents / self.info["scaling_factor"]})["sample"]
+        decoded = self._infer("vae_decoder", {"latent_sample": latents / self.info["scaling_factor"]})["sample"]
         timings.vae_decode = time.perf_counter() - t0
         _check_finite(decoded, "vae decode")
         images = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
@@ -177,7 +236,7 @@ class Pipeline:
         for name, tokenizer in zip(["text_encoder", "text_encoder_2"], self.tokenizers, strict=False):
             cond, uncond = tokenizer.encode_pair([prompt], [negative], min_chunks=n)  # [1, n, 77] each
             ids = np.concatenate([uncond, cond]) if cfg else cond
-            out = self.runners[name].infer({"input_ids": ids.reshape(-1, tok.model_max_length)})
+            out = self._infer(name, {"input_ids": ids.reshape(-1, tok.model_max_length)})
             key = "penultimate_hidden_state" if self.sdxl else "last_hidden_state"
             states = out[key].reshape(len(ids), -1, out[key].shape[-1])  # [rows, n·77, D]
             hidden.append(states)
@@ -199,23 +258,43 @@ class Pipeline:
         """[H, W, 3] in [0, 1] → scaled latents [B, 4, h, w] (the posterior mean: deterministic)."""
         if "vae_encoder" not in self.runners:
             _require(self.kiln_dir, self.manifest, "vae_encoder")
-            self.runners["vae_encoder"] = self.runner_factory(kiln.model_path(self.kiln_dir, "vae_encoder")).activate()
+            self._load("vae_encoder")
         if image.shape[:2] != (height, width):
             raise DiffkilnError(f"init image is {image.shape[1]}×{image.shape[0]}, expected {width}×{height}")
         sample = (image.transpose(2, 0, 1)[None] * 2 - 1).astype(np.float32)
-        params = self.runners["vae_encoder"].infer({"sample": sample})["latent_parameters"]
+        params = self._infer("vae_encoder", {"sample": sample})["latent_parameters"]
         mean = params[:, : self.info["latent_channels"]]
         _check_finite(mean, "vae encode")
         return np.repeat(mean * self.info["scaling_factor"], batch, axis=0)
 
     def size_for(self, params: GenerationParams) -> tuple[int, int]:
         default = params.image.shape[:2] if params.image is not None else (self.native_size, self.native_size)
-        height, width = params.height or default[0], params.width or default[1]
+        height = default[0] if params.height is None else params.height
+        width = default[1] if params.width is None else params.width
         multiple = VAE_SCALE * 2 ** self.info["num_down"]
+        largest = self.max_side
         for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % multiple:
-                raise DiffkilnError(f"--{name} {value} must be a positive multiple of {multiple} for this model")
+            if not (0 < value <= largest) or value % multiple:
+                raise DiffkilnError(
+                    f"--{name} {value} must be a multiple of {multiple} from {multiple} to {largest} for this model"
+                )
+        need = BYTES_PER_PIXEL * height * width * params.batch
+        free = _available_memory()
+        if free and need > free:
+            raise DiffkilnError(
+                f"{width}×{height} × batch {params.batch} needs about {need / 1e9:.1f} GB of memory and "
+                f"{free / 1e9:.1f} GB are available; use a smaller size or --batch"
+            )
         return height, width
+
+    @property
+    def max_side(self) -> int:
+        """The largest image side in pixels: the UNet's recorded shape profile (2× the native size)."""
+        profile = self.manifest["components"]["unet"].get("contract", {}).get("profile", {})
+        sides = [profile.get(k, [0, 0, 0])[-1] for k in ("height", "width")]
+        if all(isinstance(v, int) and v > 0 for v in sides):
+            return min(sides) * VAE_SCALE
+        return 2 * self.native_size
 
 
 def _require(kiln_dir: Path, manifest: dict, component: str) -> None:
@@ -236,4 +315,30 @@ def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.r
 
 def _check_finite(array: np.ndarray, stage: str) -> None:
     if not np.isfinite(array).all():
-        raise DiffkilnError(f"{stage} produced NaN/Inf values; the model or its export is broken at that stage")
+        raise DiffkilnError(
+            f"{stage} produced NaN/Inf values: the graph overflows on these inputs (try other settings) or its "
+            "weights are damaged"
+        )
+
+
+def _read_scheduler(kiln_dir: Path, manifest: dict) -> dict:
+    path = kiln.inside(kiln_dir, manifest.get("scheduler", "scheduler/scheduler_config.json"), "manifest scheduler")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise KilnError(f"{path} is missing or not JSON; re-export the kiln dir") from None
+    if not isinstance(config, dict):
+        raise KilnError(f"{path} is not a scheduler config (a JSON object); re-export the kiln dir")
+    return config
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (Linux's MemAvailable), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0

@@ -216,8 +216,8 @@ class ClipTokenizer:
         if model_max_length < 3:
             raise ValueError(f"model_max_length must be at least 3 (bos, a token, eos), got {model_max_length}")
 
-        tok = Tokenizer(
-            BPE(
+        try:
+            model = BPE(
                 vocab=vocab,
                 merges=merges,
                 dropout=None,
@@ -226,7 +226,12 @@ class ClipTokenizer:
                 fuse_unk=False,
                 unk_token=named["unk"].content,
             )
-        )
+        except Exception as e:  # tokenizers raises a bare Exception ("Error while initializing BPE")
+            raise TokenizerFilesError(
+                f"the CLIP vocab and merges do not fit together ({str(e).splitlines()[0] if str(e) else 'BPE'}): "
+                "a merge names a token missing from the vocab; the tokenizer folder is damaged"
+            ) from None
+        tok = Tokenizer(model)
         clip_text_pipeline(tok)
         # transformers' order: the added tokens, then the named ones they do not cover (bos, eos, unk, pad). When
         # several named tokens share a text (eos = unk = pad), `tokenizers` keeps the flags of the last one.
