@@ -12,7 +12,7 @@ $(BIN)/diffkiln: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[export,dev]"
+	$(BIN)/pip install -q -e ".[export,dev,openvino]"
 	$(BIN)/diffkiln export demo  # the default model of `run`, exported into the user cache once (~8 s)
 	@touch $@
 

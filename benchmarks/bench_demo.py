@@ -13,7 +13,7 @@ from diffkiln.demo.data import heldout_captions
 
 SETTINGS = {
     "source": "demo",
-    "paths": "torch-fp32,torch-bf16,ort-fp32,ort-opt,ort-fp16,ort-int8,ort-sdopt,openvino,trt-fp16",
+    "paths": "torch-fp32,torch-bf16,ort-fp32,ort-opt,ort-fp16,ort-int8,ort-sdopt,openvino-fp32,openvino-bf16,trt-fp16",
     "steps": 20,  # native size: the demo model draws 64×64 images
     "scheduler": "euler",
     "guidance": 7.5,

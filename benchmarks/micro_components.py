@@ -14,7 +14,7 @@ from diffkiln.bench.script import parse
 
 SETTINGS = {
     "source": "sd15",
-    "paths": "torch-fp32,torch-bf16,ort-fp32,ort-opt,ort-fp16,ort-int8,ort-sdopt,openvino,trt-fp16",
+    "paths": "torch-fp32,torch-bf16,ort-fp32,ort-opt,ort-fp16,ort-int8,ort-sdopt,openvino-fp32,openvino-bf16,trt-fp16",
     "height": 512,
     "width": 512,
     "batch": 1,

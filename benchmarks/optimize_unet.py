@@ -26,11 +26,13 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from diffkiln import kiln
 from diffkiln.exporter import ExportOptions, export, open_source
 from diffkiln.optimizers.optimize import optimize
+from diffkiln.runtime.runners import OrtOptions, session_from_onnx
 from diffkiln.specs import PipelineInfo, component_specs, dims
 
 RESULTS = Path(__file__).parent / "results" / "optimize_unet.json"
@@ -47,17 +49,13 @@ def timed(fn, runs: int) -> list[float]:
 
 
 def ort_path(path: Path, feeds: dict, runs: int, profile: bool) -> dict:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = OrtOptions(device="cpu")
+    session = session_from_onnx(path, options)
     times = timed(lambda: session.run(None, feeds), runs)
     result = {"times": times}
     if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        profiled = replace(options, profile_prefix=str(Path(tempfile.mkdtemp()) / "ort"))
+        session = session_from_onnx(path, profiled)
         session.run(None, feeds)
         trace = json.loads(Path(session.end_profiling()).read_text())
         per_op: Counter[str] = Counter()

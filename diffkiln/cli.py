@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 from diffkiln import __version__
-from diffkiln.bench import bench_command
-from diffkiln.bench import click_options as bench_options
+from diffkiln.bench.command import click_options as bench_options  # option definitions only (no bench run code)
 from diffkiln.errors import DiffkilnError
+from diffkiln.runtime.schedulers import REGISTRY  # names for --help: numpy only
 
 
 def user_errors(fn):
@@ -102,24 +102,26 @@ def inspect(kiln_dir, as_json):
 def lora_options(fn):
     """--lora FILE[:SCALE] … --embedding FILE[:TOKEN] … --allow-partial, shared by `lora` and `optimize`."""
 
-    def parse(parser):
+    def parse(name):
         def callback(ctx, param, values):
+            from diffkiln.lora import options as parsers  # imported only when a command with these options runs
+
             try:
-                return [parser(v) for v in values]
+                return [getattr(parsers, name)(v) for v in values]
             except DiffkilnError as e:
                 raise click.BadParameter(str(e)) from None
 
         return callback
 
-    from diffkiln.lora.options import parse_embedding, parse_lora
-
     options = [
-        click.option("--lora", "loras", multiple=True, callback=parse(parse_lora), help="LoRA FILE[:SCALE] (repeat)."),
+        click.option(
+            "--lora", "loras", multiple=True, callback=parse("parse_lora"), help="LoRA FILE[:SCALE] (repeat)."
+        ),
         click.option(
             "--embedding",
             "embeddings",
             multiple=True,
-            callback=parse(parse_embedding),
+            callback=parse("parse_embedding"),
             help="Textual-inversion FILE[:TOKEN] (repeat).",
         ),
         click.option("--allow-partial", is_flag=True, help="Fold what fits and list what was skipped."),
@@ -207,7 +209,12 @@ def optimize(kiln_dir, target, precision, out, force, loras, embeddings, allow_p
 @click.option("--negative", default="", help="Negative prompt.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option(
-    "--scheduler", default="euler", show_default=True, help="ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm."
+    "--sampler",
+    "--scheduler",
+    "scheduler",
+    default="euler",
+    show_default=True,
+    help=f"Sampler (diffusers calls it the scheduler): {', '.join(REGISTRY)}.",
 )
 @click.option(
     "--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale (≤1: off)."
@@ -220,17 +227,47 @@ def optimize(kiln_dir, target, precision, out, force, loras, embeddings, allow_p
 @click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.8, show_default=True)
 @click.option("--latents", type=click.Path(path_type=Path), help="Initial noise [B,4,h,w] as .npy (instead of --seed).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "gpu"]),
+    help="ort: cpu|cuda (default: cuda if any); openvino: cpu|gpu.",
+)
+@click.option(
+    "--precision-hint",
+    type=click.Choice(["f32", "bf16", "f16"]),
+    help="OpenVINO's inference precision (default f32: OpenVINO would silently pick bf16 on CPUs that have it).",
+)
 @user_errors
 def run(
-    prompt, model, negative, steps, scheduler, guidance, seed, height, width, batch, image_path, strength, latents, out
+    prompt,
+    model,
+    negative,
+    steps,
+    scheduler,
+    guidance,
+    seed,
+    height,
+    width,
+    batch,
+    image_path,
+    strength,
+    latents,
+    out,
+    backend,
+    device,
+    precision_hint,
 ):
-    """Generate an image from PROMPT with ONNX Runtime (no torch at inference)."""
+    """Generate an image from PROMPT with ONNX Runtime or OpenVINO (no torch at inference)."""
     from diffkiln.models import resolve_model
+    from diffkiln.runtime.backends import runner_factory
     from diffkiln.runtime.generate import generate
 
+    factory = runner_factory(backend, device, precision_hint)  # refuses a missing backend before any work
     kiln_dir = resolve_model(model, log=lambda msg: click.echo(msg, err=True))
     generate(
         kiln_dir,
+        runner_factory=factory,
         prompt=prompt,
         negative_prompt=negative,
         steps=steps,
@@ -256,6 +293,8 @@ def bench(source, **options):
     """Benchmark the PyTorch reference and every diffkiln path side by side on the same prompts, seeds and
     latents (SOURCE: preset, diffusers folder or kiln dir; default: demo, the bundled trained model); writes
     report.md, report.json and plots."""
+    from diffkiln.bench.command import bench_command
+
     bench_command(source, **options, echo=lambda msg: click.echo(msg, err=True))
 
 

@@ -35,7 +35,7 @@ def export_to_cache(ref: str, force: bool = False, log=print) -> Path:
     The cache key is the source's content fingerprint, so a changed folder gets a new kiln, never a stale one."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         raise DiffkilnError(f"{ref} is not a kiln directory, and exporting it needs `pip install diffkiln[export]`")
-    from diffkiln.exporter import ExportOptions, export, open_source
+    from diffkiln.exporter.sources import open_source
 
     source = open_source(ref)
     slug = re.sub(r"[^\w.-]+", "_", Path(source.ref).name)
@@ -48,6 +48,8 @@ def export_to_cache(ref: str, force: bool = False, log=print) -> Path:
             raise DiffkilnError(
                 f"cannot create the cache folder {out.parent}: {e.strerror}; set DIFFKILN_CACHE"
             ) from None
+        from diffkiln.exporter.kiln_export import ExportOptions, export  # onnx + torch: only when exporting
+
         log(f"exporting {ref} into {out} (once)")
         export(source, out, ExportOptions(force=force, wait=True), log=log)  # another run may be exporting it
     return out

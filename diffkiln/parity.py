@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.errors import ParityError
+from diffkiln.runtime.runners import OrtOptions, session_from_onnx
 
 MAX_REL_ERR = {"fp32": 1e-4}
 
@@ -52,9 +53,9 @@ def check(
 
 
 def ort_session(path: Path, providers: list[str] | None = None):
-    """An ONNX Runtime CPU session with default (full) graph optimizations, as users will run the graph."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session with full graph optimizations, as users will run the graph.
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    Built by `runtime.runners.session_from_onnx`; `providers` naming CUDA asks for the CUDA device instead.
+    """
+    device = "cuda" if providers and "CUDAExecutionProvider" in providers else "cpu"
+    return session_from_onnx(path, OrtOptions(device=device, optimization="all"))

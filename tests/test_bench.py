@@ -77,7 +77,8 @@ def test_every_requested_path_is_measured_or_explained(bench):
     for name in ("torch-fp32", "ort-fp32", "ort-opt"):
         assert report["paths"][name]["status"] == "ok", report["paths"][name]["reason"]
     assert report["paths"]["ort-fp16"]["status"] == "skipped"
-    assert "no NVIDIA GPU" in report["paths"]["trt-fp16"]["reason"] or report["environment"]["gpus"]
+    reason = report["paths"]["trt-fp16"]["reason"]
+    assert "no NVIDIA GPU" in reason if not report["environment"]["gpus"] else "have not landed yet" in reason
 
 
 def test_same_prompts_noise_and_sampler_on_every_path(bench):
@@ -198,14 +199,22 @@ def test_a_worker_that_dies_is_reported_not_fatal():
     assert worker.close() is not None
 
 
-def test_skip_reasons():
+def test_skip_reasons(monkeypatch):
     caps = {"torch": True, "diffusers": True, "openvino": False, "tensorrt": False, "gpus": [], "source": "tiny"}
     caps |= {"kiln": True, "ort_precisions": ["fp32"], "torch_bf16": True, "native_bf16": False}
     assert skip_reason(PATHS["torch-fp32"], caps) is None
     assert "no native bf16" in skip_reason(PATHS["torch-bf16"], caps)
     assert skip_reason(PATHS["torch-bf16"], {**caps, "native_bf16": True}) is None
     assert "has not landed yet" in skip_reason(PATHS["ort-int8"], caps)
-    assert "openvino is not installed" in skip_reason(PATHS["openvino"], caps)
+    from diffkiln.runtime import backends
+
+    real = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda n: None if n == "openvino" else real(n))
+    assert "pip install diffkiln[openvino]" in skip_reason(PATHS["openvino-fp32"], caps)  # from the backend table
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda n: object() if n == "openvino" else real(n))
+    assert skip_reason(PATHS["openvino-fp32"], caps) is None
+    assert "no native bf16" in skip_reason(PATHS["openvino-bf16"], caps)
+    assert skip_reason(PATHS["openvino-bf16"], {**caps, "native_bf16": True}) is None
     assert "no NVIDIA GPU" in skip_reason(PATHS["trt-fp16"], caps)
     no_source = {**caps, "source": None, "source_problem": "the kiln directory's source 'x' (folder) is gone"}
     assert "is gone" in skip_reason(PATHS["torch-fp32"], no_source)

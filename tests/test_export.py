@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffkiln import kiln
-from diffkiln.errors import OutputError, ParityError
+from diffkiln.errors import DiffkilnError, OutputError, ParityError
 from diffkiln.exporter import ExportOptions, export, open_source
 from diffkiln.exporter import kiln_export as export_module
 from diffkiln.exporter.sources import MODULE_OF
@@ -27,7 +27,8 @@ def test_tiny_kiln_layout(tiny_kiln):
     manifest = kiln.read_manifest(tiny_kiln)
     assert list(manifest["components"]) == COMPONENTS
     assert manifest["pipeline"]["kind"] == "sd1"
-    assert manifest["source"] == {"kind": "preset", "ref": "tiny", "fingerprint": manifest["source"]["fingerprint"]}
+    assert manifest["source"] == {"kind": "preset", "ref": "tiny", "fingerprint": open_source("tiny").fingerprint()}
+    assert manifest["source"]["fingerprint"] != open_source("tiny-sdxl").fingerprint()
     for name, record in manifest["components"].items():
         assert (tiny_kiln / record["path"]).is_file()
         assert record["parity"]["worst_rel_err"] <= 1e-4
@@ -162,7 +163,7 @@ def test_opset_is_recorded_and_validated(tmp_path):
     assert manifest["opset"] == 18
     model = onnx.load(str(tmp_path / "k" / "vae_decoder" / "model.onnx"))
     assert model.opset_import[0].version == 18
-    with pytest.raises(Exception, match="--opset 9 is not supported"):
+    with pytest.raises(DiffkilnError, match="--opset 9 is not supported"):
         export(open_source("tiny"), tmp_path / "k2", ExportOptions(opset=9), quiet)
 
 

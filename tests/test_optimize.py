@@ -119,7 +119,13 @@ def test_up_to_date_force_and_bad_input(tiny_kiln, tmp_path):
 def test_cli_prints_the_table(tiny_kiln, tmp_path):
     result = CliRunner().invoke(main, ["optimize", str(tiny_kiln), "--target", "ort-cpu", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    assert "attention" in result.output and f"wrote {tmp_path / 'o'}" in result.output
+    report = json.loads((tmp_path / "o" / "optimize_report.json").read_text())
+    for name, record in report["components"].items():  # one row per component, with the report's own numbers
+        row = next(line for line in result.output.splitlines() if line.startswith(name + " "))
+        counts = record["counts"]
+        assert f"{record['nodes_before']} → {record['nodes_after']}" in row
+        assert row.split()[4:8] == [str(counts.get(k, 0)) for k in ("attention", "gelu", "groupnorm", "layernorm")]
+    assert f"wrote {tmp_path / 'o'}" in result.output
     bad = CliRunner().invoke(main, ["optimize", str(tmp_path / "nope"), "--target", "ort-cpu"])
     assert bad.exit_code == 1 and "no such kiln directory" in bad.output
 

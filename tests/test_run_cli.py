@@ -119,7 +119,8 @@ def test_default_model_is_the_demo_exported_into_the_cache_once(tmp_path, monkey
     assert (found["color"], found["background"], found["shape"]) == ("red", "white", "circle")
 
     again = run("a photo", "--steps", 2, "-o", tmp_path / "y.png")
-    assert "exporting" not in again.output
+    assert again.exit_code == 0 and "exporting" not in again.output, again.output
+    assert (tmp_path / "y.png").is_file()
     exported = CliRunner().invoke(main, ["export", "demo"])  # what `make install` runs: fills the same cache entry
     assert exported.exit_code == 0 and "exporting" not in exported.output
     assert exported.output.strip().endswith(str(cached))

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from diffkiln.bench import torch_ref
 from diffkiln.runtime import schedulers as S
 
 MAX_REL_ERR = 1e-5
-VP_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "lcm")  # diffusers keeps VP latents for these
+VP_SAMPLERS = tuple(n for n, r in S.REGISTRY.items() if r.family != "euler")  # diffusers keeps VP latents for these
 SHAPE = (2, 4, 8, 8)
 
 
@@ -43,22 +44,15 @@ def fake_unet(x_in, t):
 
 
 def diffusers_scheduler(sampler, config):
-    diffusers = pytest.importorskip("diffusers")
-    dpm = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-    cls, extra = {
-        "ddim": (diffusers.DDIMScheduler, {}),
-        "euler": (diffusers.EulerDiscreteScheduler, {}),
-        "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
-        "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {**dpm, "use_karras_sigmas": False}),
-        "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {**dpm, "use_karras_sigmas": True}),
-        "lcm": (diffusers.LCMScheduler, {}),
-    }[sampler]
-    return cls.from_config({**config, **extra})
+    pytest.importorskip("diffusers")
+    return torch_ref.diffusers_scheduler(sampler, config)
 
 
 def set_diffusers_timesteps(sched, sampler, steps, strength):
     """What the SD (or LCM) img2img pipeline does before its loop; returns the timesteps it loops over."""
-    if sampler == "lcm":  # LatentConsistencyModelImg2ImgPipeline: the scheduler itself takes strength
+    if (
+        S.REGISTRY[sampler].family == "lcm"
+    ):  # LatentConsistencyModelImg2ImgPipeline: the scheduler itself takes strength
         sched.set_timesteps(steps, strength=strength)
         return sched.timesteps
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -82,7 +76,7 @@ def run_diffusers(sampler, config, steps, noise, *, strength=1.0, image=None, se
     else:
         latents = sched.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
     generator = torch.Generator().manual_seed(seed)
-    kwargs = {"generator": generator} if sampler in ("euler_a", "lcm") else {}
+    kwargs = {"generator": generator} if S.REGISTRY[sampler].stochastic else {}
     out = [latents.numpy().copy()]
     for t in timesteps:
         x_in = sched.scale_model_input(latents, t)
@@ -129,7 +123,7 @@ def assert_same_trajectory(ours, ref):
     assert max(errs) <= MAX_REL_ERR, f"per-step relative errors: {np.array(errs)}"
 
 
-@pytest.mark.parametrize("sampler", list(S.SAMPLERS))
+@pytest.mark.parametrize("sampler", list(S.REGISTRY))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize(("spacing", "steps"), [("leading", 20), ("trailing", 20), ("trailing", 4)])
 def test_matches_diffusers_every_step(sampler, prediction_type, spacing, steps):
@@ -147,19 +141,19 @@ def test_ddim_matches_diffusers_with_alpha_to_one():
     assert_same_trajectory(run_ours("ddim", config, 10, noise), run_diffusers("ddim", config, 10, noise))
 
 
-@pytest.mark.parametrize("sampler", list(S.SAMPLERS))
+@pytest.mark.parametrize("sampler", list(S.REGISTRY))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_img2img_matches_diffusers_every_step(sampler, prediction_type):
     """strength 0.6: same truncated timesteps, same noised image (add_noise), same latents after every step."""
     config = sd_config(prediction_type)
     rng = np.random.default_rng(2)
     image, noise = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
-    steps = 4 if sampler == "lcm" else 20
+    steps = 4 if S.REGISTRY[sampler].family == "lcm" else 20
     ours = run_ours(sampler, config, steps, noise, strength=0.6, image=image)
     assert_same_trajectory(ours, run_diffusers(sampler, config, steps, noise, strength=0.6, image=image))
 
 
-@pytest.mark.parametrize("sampler", list(S.SAMPLERS))
+@pytest.mark.parametrize("sampler", list(S.REGISTRY))
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [20, 4])
 def test_timesteps_and_sigmas_match_diffusers(sampler, spacing, steps):
@@ -170,7 +164,7 @@ def test_timesteps_and_sigmas_match_diffusers(sampler, spacing, steps):
     np.testing.assert_array_equal(schedule.timesteps, sched.timesteps.numpy().astype(np.float64))
     if sampler in VP_SAMPLERS:  # the training sigma at each timestep; diffusers starts from unit VP noise
         ac = sched.alphas_cumprod.numpy().astype(np.float64)
-        if sampler == "dpmpp_2m_karras":
+        if S.REGISTRY[sampler].family == "dpm_karras":
             ref = sched.sigmas.numpy()
         else:
             t = sched.timesteps.numpy()
@@ -184,7 +178,7 @@ def test_timesteps_and_sigmas_match_diffusers(sampler, spacing, steps):
     assert schedule.sigmas.shape == (steps + 1,) and schedule.timesteps.shape == (steps,)
 
 
-@pytest.mark.parametrize("sampler", list(S.SAMPLERS))
+@pytest.mark.parametrize("sampler", list(S.REGISTRY))
 @pytest.mark.parametrize("steps", [20, 4, 25, 7])
 def test_img2img_timesteps_match_diffusers_get_timesteps(sampler, steps):
     config = sd_config()
@@ -291,16 +285,54 @@ def test_sample_is_reproducible_with_rng_and_reports_every_step():
     assert steps == list(range(6))
 
 
-def test_unknown_sampler_and_mismatched_schedule_raise():
+def test_unknown_sampler_family_and_strength_raise():
     schedule = S.make_schedule(sd_config(), "euler", 4)
     with pytest.raises(ValueError, match=r"unknown sampler 'heun'.*ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras"):
         S.sample("heun", S.Denoiser(fake_unet, schedule), np.zeros(SHAPE), schedule)
     with pytest.raises(ValueError, match="unknown sampler"):
         S.make_schedule(sd_config(), "heun", 4)
-    with pytest.raises(ValueError, match="made for sampler 'euler'"):
-        S.sample("ddim", S.Denoiser(fake_unet, schedule), np.zeros(SHAPE), schedule)
+    with pytest.raises(ValueError, match="unknown schedule family 'euler_a'"):
+        S.family_schedule(sd_config(), "euler_a", 4)
     with pytest.raises(ValueError, match="strength"):
         S.make_schedule(sd_config(), "euler", 4, strength=0.1)
+
+
+def test_schedules_know_no_sampler():
+    """A schedule is its family's: samplers sharing a family share it, and any sampler runs over any schedule."""
+    config = sd_config()
+    for name, record in S.REGISTRY.items():
+        ours, family = S.make_schedule(config, name, 8, 0.6), S.family_schedule(config, record.family, 8, 0.6)
+        np.testing.assert_array_equal(ours.sigmas, family.sigmas)
+        np.testing.assert_array_equal(ours.timesteps, family.timesteps)
+    schedule = S.make_schedule(config, "euler_a", 6)
+    x = np.random.default_rng(8).standard_normal(SHAPE) * schedule.init_noise_sigma
+    out = S.sample("ddim", S.Denoiser(fake_unet, schedule), x, schedule)
+    np.testing.assert_array_equal(out, S.sample_ddim(S.Denoiser(fake_unet, schedule), x, schedule.sigmas))
+
+
+@pytest.mark.parametrize("sampler", list(S.REGISTRY))
+def test_registry_diffusers_twin_exists_and_takes_its_options(sampler):
+    """Each record's class name resolves in diffusers and every option lands in the scheduler's config."""
+    diffusers = pytest.importorskip("diffusers")
+    record = S.REGISTRY[sampler]
+    assert record.name == sampler and record.family in S.SCHEDULE_FAMILIES
+    cls = getattr(diffusers, record.diffusers_class)
+    assert issubclass(cls, diffusers.SchedulerMixin)
+    sched = diffusers_scheduler(sampler, sd_config())
+    assert type(sched) is cls
+    assert {k: sched.config[k] for k in record.diffusers_options} == dict(record.diffusers_options)
+
+
+def test_registry_is_the_only_sampler_table():
+    """Every reader of sampler names (the bench's checks, the sampler view, torch_ref) reads the registry."""
+    from diffkiln.bench.config import BenchConfig
+
+    assert list(S.SAMPLERS) == list(S.REGISTRY)
+    assert all(S.SAMPLERS[n] is r.fn for n, r in S.REGISTRY.items())
+    for name, record in S.REGISTRY.items():
+        BenchConfig(scheduler=name).check()
+        assert BenchConfig(scheduler=name).deterministic is not record.stochastic
+    assert not hasattr(torch_ref, "DIFFUSERS_SCHEDULERS")
 
 
 def test_module_imports_without_the_pytorch_stack():

@@ -17,11 +17,23 @@ Modules, one job each:
     summary     raw timings → report figures       report    report.json / report.md     plots  the PNGs
     micro       per-component micro-benchmarks      command   click options for `diffkiln bench`
     script      command line of the scripted benchmarks in benchmarks/
-Importing this package loads neither torch nor matplotlib; the workers import what their path needs.
+Importing this package loads nothing else (its names resolve on first use: `diffkiln run` must not pay for the
+bench); the workers import what their path needs.
 """
 
-from diffkiln.bench.command import bench_command, click_options
-from diffkiln.bench.paths import DEFAULT_PATHS, PATHS
-from diffkiln.bench.run import run_bench
+import importlib
 
-__all__ = ["DEFAULT_PATHS", "PATHS", "bench_command", "click_options", "run_bench"]
+_WHERE = {
+    "DEFAULT_PATHS": "paths",
+    "PATHS": "paths",
+    "bench_command": "command",
+    "click_options": "command",
+    "run_bench": "run",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'diffkiln.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"diffkiln.bench.{_WHERE[name]}"), name)

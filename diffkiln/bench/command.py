@@ -18,6 +18,7 @@ import click
 
 from diffkiln.bench.config import read_prompts
 from diffkiln.bench.paths import DEFAULT_PATHS, PATHS
+from diffkiln.runtime.schedulers import REGISTRY
 
 OPTIONS = [
     click.option(
@@ -31,7 +32,7 @@ OPTIONS = [
     click.option("--width", type=int, help="Image width in pixels (default: the model's native size)."),
     click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True),
     click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Images per prompt."),
-    click.option("--scheduler", default="euler", show_default=True, help="ddim, euler, dpmpp_2m, dpmpp_2m_karras…"),
+    click.option("--sampler", "--scheduler", "scheduler", default="euler", show_default=True, help=", ".join(REGISTRY)),
     click.option("--guidance", type=float, default=7.5, show_default=True, help="CFG scale (≤1: off)."),
     click.option(
         "--prompts",

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime.schedulers import SAMPLERS
+from diffkiln.runtime.schedulers import REGISTRY
 from diffkiln.specs import VAE_SCALE
 
 DEFAULT_PROMPTS = (
     "a small red circle on a blue background, top left",
     "a large yellow triangle on a black background, center",
 )
-STOCHASTIC = ("euler_a", "lcm")  # samplers that draw fresh noise every step: fidelity compares different noise
 
 
 @dataclass(frozen=True)
@@ -39,8 +38,8 @@ class BenchConfig:
 
     def check(self) -> None:
         """Refuse settings no path could run, before any work starts."""
-        if self.scheduler not in SAMPLERS:
-            raise DiffkilnError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.scheduler not in REGISTRY:
+            raise DiffkilnError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(REGISTRY)}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % VAE_SCALE):
@@ -56,7 +55,8 @@ class BenchConfig:
 
     @property
     def deterministic(self) -> bool:
-        return self.scheduler not in STOCHASTIC
+        """False for samplers that draw fresh noise every step: fidelity then compares different noise."""
+        return not REGISTRY[self.scheduler].stochastic
 
     def sized(self, native: int) -> BenchConfig:
         """This config with the model's native size filled in where none was given."""

@@ -32,7 +32,8 @@ PATHS: dict[str, PathDef] = {
         PathDef("ort-fp16", "ort", "fp16", "optimize", "diffkiln runtime on the ort-cpu fp16 graphs"),
         PathDef("ort-int8", "ort", "int8", "optimize", "diffkiln runtime on the ort-cpu int8 graphs"),
         PathDef("ort-sdopt", "ort", "fp32", "ortx", "peer: onnxruntime.transformers' stable-diffusion optimizer"),
-        PathDef("openvino", "openvino", "fp32", "export", "peer: OpenVINO runtime on the plain export"),
+        PathDef("openvino-fp32", "openvino", "fp32", "export", "peer: OpenVINO on the plain export, f32 hint"),
+        PathDef("openvino-bf16", "openvino", "bf16", "export", "peer: OpenVINO on the plain export, bf16 hint"),
         PathDef("trt-fp16", "tensorrt", "fp16", "engine", "diffkiln runtime on TensorRT fp16 engines"),
         PathDef("trt-int8", "tensorrt", "int8", "engine", "diffkiln runtime on TensorRT int8 engines"),
     ]
@@ -63,8 +64,13 @@ def skip_reason(path: PathDef, caps: dict) -> str | None:
             reasons.append(caps.get("source_problem") or "no PyTorch source for this model")
         if path.precision == "bf16":
             reasons += _bf16_problems(caps)
-    elif path.backend == "openvino" and not caps["openvino"]:
-        reasons.append("openvino is not installed (pip install openvino)")
+    elif path.backend == "openvino":
+        from diffkiln.runtime.backends import available
+
+        if reason := available("openvino"):
+            reasons.append(reason)
+        elif path.precision == "bf16" and not caps.get("native_bf16"):
+            reasons.append("this CPU has no native bf16 (avx512_bf16 or AMX): OpenVINO would run f32 instead")
     elif path.backend == "tensorrt":
         if not caps["tensorrt"]:
             reasons.append("tensorrt is not installed (pip install diffkiln[tensorrt])")
@@ -72,7 +78,7 @@ def skip_reason(path: PathDef, caps: dict) -> str | None:
             reasons.append("no NVIDIA GPU")
         reasons.append("diffkiln's TensorRT engine builder and runner have not landed yet (diffkiln/builder)")
     if path.artifact in ("export", "optimize", "ortx") and not caps.get("kiln"):
-        reasons.append(caps.get("kiln_problem") or "no kiln directory and nothing to export it from")
+        reasons.append("no kiln directory and nothing to export it from")
     if path.artifact == "optimize" and path.precision not in caps["ort_precisions"]:
         landed = ", ".join(caps["ort_precisions"])
         reasons.append(f"`diffkiln optimize --precision {path.precision}` has not landed yet (available: {landed})")

@@ -18,8 +18,6 @@ from diffkiln.bench.measure import stats
 from diffkiln.bench.paths import REFERENCE
 from diffkiln.bench.session import PathRun
 
-STAGES = ("text_encoding", "unet_total", "vae_decode", "other")
-
 
 def latency(samples: list[dict]) -> dict:
     """Per-stage statistics over measured generations."""

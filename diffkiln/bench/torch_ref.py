@@ -1,8 +1,8 @@
 """The PyTorch reference: diffusers' own pipeline over the source's weights, timed per stage.
 
 A preset's pipeline is assembled from `open_source(preset).load(...)` modules (the weights diffkiln exports); a
-folder's comes from `DiffusionPipeline.from_pretrained`. The scheduler is diffusers' class matching the diffkiln
-sampler name, and the initial noise is passed as `latents=`, so a deterministic sampler gives the image diffkiln
+folder's comes from `DiffusionPipeline.from_pretrained`. The scheduler is the diffusers twin that diffkiln's sampler
+registry names, and the initial noise is passed as `latents=`, so a deterministic sampler gives the image diffkiln
 should reproduce. Runs on the CPU in fp32, or under `torch.autocast("cpu", bfloat16)` for the bf16 path.
 """
 
@@ -14,19 +14,15 @@ import time
 import numpy as np
 
 from diffkiln.bench.measure import memory
+from diffkiln.runtime.schedulers import REGISTRY
 
-# diffkiln sampler → diffusers scheduler class and the options that make it the same algorithm
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
+
+def diffusers_scheduler(sampler: str, config):
+    """diffusers' twin of diffkiln sampler `sampler` (its REGISTRY record's class and options) over `config`."""
+    import diffusers
+
+    record = REGISTRY[sampler]
+    return getattr(diffusers, record.diffusers_class).from_config(config, **record.diffusers_options)
 
 
 def build_pipeline(source_ref: str, scheduler: str):
@@ -42,8 +38,7 @@ def build_pipeline(source_ref: str, scheduler: str):
         pipe = diffusers.DiffusionPipeline.from_pretrained(source.path, local_files_only=True, **extra)
     else:
         pipe = _from_preset(source)
-    cls, options = DIFFUSERS_SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+    pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):

@@ -1,6 +1,13 @@
-"""torch → ONNX: model sources, component wrappers, export with parity, weight map. Imports torch lazily."""
+"""torch → ONNX: model sources, component wrappers, export with parity, weight map. Imports torch lazily, and
+onnx only when an export runs (`diffkiln run` resolves a cached source's fingerprint through `sources` alone)."""
 
-from diffkiln.exporter.kiln_export import ExportOptions, export
-from diffkiln.exporter.sources import open_source
+import importlib
 
-__all__ = ["ExportOptions", "export", "open_source"]
+_WHERE = {"ExportOptions": "kiln_export", "export": "kiln_export", "open_source": "sources"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'diffkiln.exporter' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"diffkiln.exporter.{_WHERE[name]}"), name)

@@ -27,6 +27,7 @@ from tokenizers import AddedToken
 from diffkiln.kiln import file_sha256, write_json
 from diffkiln.lora.errors import LoraError
 from diffkiln.lora.tensorfile import TensorFile
+from diffkiln.runtime.prompts import expand_prompt, multi_vector_tokens  # noqa: F401 (re-exported)
 
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 _NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -70,27 +71,6 @@ def read_embedding(path: Path, token: str | None = None) -> Embedding:
     if not token.strip() or any(c.isspace() for c in token):
         raise LoraError(f"{path}: token {token!r} must be one word without spaces; pass another with FILE:TOKEN")
     return Embedding(path, file_sha256(path), token, vectors)
-
-
-def expand_prompt(prompt: str, multi_vector: dict[str, list[str]]) -> str:
-    """`tok` → `tok tok_1 … tok_{n-1}` for every multi-vector token, as diffusers' `maybe_convert_prompt` does."""
-    for token, tokens in multi_vector.items():
-        if len(tokens) > 1 and token in prompt:
-            prompt = prompt.replace(token, " ".join(tokens))
-    return prompt
-
-
-def multi_vector_tokens(manifest: dict) -> dict[str, list[str]]:
-    """{token: [token, token_1, …]} of the embeddings folded into a kiln dir (its manifest's `lora` record, and
-    the records of kiln dirs it was folded from), for `expand_prompt`."""
-    found: dict[str, list[str]] = {}
-    record = manifest.get("lora")
-    while record:
-        for e in record.get("embeddings", []):
-            for placed in e["components"].values():
-                found.setdefault(e["token"], placed["tokens"])
-        record = record.get("previous")
-    return found
 
 
 def plan_token_ids(folder: Path, tokens: list[str]) -> list[int]:

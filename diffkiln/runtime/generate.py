@@ -10,10 +10,11 @@ import numpy as np
 from diffkiln.errors import DiffkilnError
 from diffkiln.runtime import images, schedulers
 from diffkiln.runtime.pipeline import GenerationParams, Pipeline
+from diffkiln.runtime.runners import OrtRunner
 
 
 def generate(
-    kiln_dir: Path, *, image_path=None, latents_path=None, out=Path("out.png"), echo=print, **kw
+    kiln_dir: Path, *, image_path=None, latents_path=None, out=Path("out.png"), echo=print, runner_factory=None, **kw
 ) -> list[Path]:
     if kw.get("scheduler") not in schedulers.SAMPLERS:
         raise DiffkilnError(f"unknown sampler {kw.get('scheduler')!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
@@ -27,7 +28,7 @@ def generate(
     if latents_path is not None:
         params.latents = _load_latents(latents_path)
 
-    with Pipeline(kiln_dir) as pipe:
+    with Pipeline(kiln_dir, runner_factory or OrtRunner) as pipe:
         if params.image is not None:  # the init image's size rounded down, unless a size is given
             params.height = params.image.shape[0] // 8 * 8 if params.height is None else params.height
             params.width = params.image.shape[1] // 8 * 8 if params.width is None else params.width
@@ -35,9 +36,12 @@ def generate(
         if params.image is not None:
             params.image = images.resize(params.image, params.height, params.width)
         result = _with_progress(pipe, params)
-    text = images.a1111_parameters(params, str(kiln_dir))
+        backend = pipe.backend
+    text = images.a1111_parameters(params, str(kiln_dir)) + f", Backend: {backend}"
     for i, (image, path) in enumerate(zip(result.to_uint8(), paths, strict=True)):
-        images.save_image(image, path, {"parameters": text, "diffkiln": {"index": i, "kiln_dir": str(kiln_dir)}})
+        meta = {"index": i, "kiln_dir": str(kiln_dir), "backend": backend}
+        images.save_image(image, path, {"parameters": text, "diffkiln": meta})
+    echo(f"  {'backend':24s} {backend:>10s}")
     _print_timings(result.timings, echo)
     for path in paths:
         echo(f"wrote {path}")

@@ -21,8 +21,8 @@ import numpy as np
 
 from diffkiln import kiln
 from diffkiln.errors import DiffkilnError, KilnError, library_errors
-from diffkiln.lora.embeddings import expand_prompt, multi_vector_tokens
 from diffkiln.runtime import schedulers
+from diffkiln.runtime.prompts import expand_prompt, multi_vector_tokens
 from diffkiln.runtime.runners import OrtRunner, Runner
 from diffkiln.runtime.tokenizer import ClipTokenizer
 from diffkiln.specs import VAE_SCALE
@@ -150,6 +150,13 @@ class Pipeline:
                     f"{path} does not take/give {', '.join(sorted(wanted - have))}: it is not the {name} graph "
                     "this kiln dir records; re-export or re-download it"
                 )
+
+    @property
+    def backend(self) -> str:
+        """What ran the UNet, with its precision where the backend chooses one: `onnxruntime`, `openvino f32`."""
+        unet = self.runners["unet"]
+        hint = getattr(unet, "precision_hint", None)
+        return f"{unet.name} {hint}" if hint else unet.name
 
     def _infer(self, name: str, feeds: dict) -> dict:
         with library_errors(f"{name} failed in {self.runners[name].name}", "check the kiln dir and the settings"):

@@ -5,19 +5,16 @@ Everything works in the variance-exploding (VE, k-diffusion) parameterisation: a
 the training schedule gives `sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`.
 
 Three layers, each ignorant of the next:
-- schedules (`make_schedule`): which sigmas to visit and which UNet timestep goes with each, chosen exactly as the
-  matching diffusers scheduler's `set_timesteps` chooses them (and img2img truncation as its pipelines do);
+- schedules (`family_schedule`): which sigmas to visit and which UNet timestep goes with each, chosen exactly as a
+  diffusers scheduler family's `set_timesteps` chooses them (and img2img truncation as its pipelines do); they know
+  no sampler, `make_schedule` only looks up the family a sampler follows;
 - `Denoiser`: the only code that knows what the network predicts (epsilon, v or x0, LCM's boundary condition);
   it maps `(x, sigma)` to the network's inputs and its output to a clean-latent estimate `denoised`;
 - samplers (`sample_euler`, ...): 15–30 line loops over consecutive sigmas that only ever call `denoise(x, sigma)`.
 
-Parity with diffusers 0.42 (`tests/test_schedulers.py` checks the latents after every step):
-    ddim            DDIMScheduler (eta=0)
-    euler           EulerDiscreteScheduler
-    euler_a         EulerAncestralDiscreteScheduler
-    dpmpp_2m        DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)
-    dpmpp_2m_karras  the same with use_karras_sigmas=True
-    lcm             LCMScheduler
+`REGISTRY` is the one table of samplers: each record names its loop, the schedule family it visits and the
+diffusers scheduler (class name and options) it reproduces; `tests/test_schedulers.py` checks parity with diffusers
+0.42 after every step.
 Known difference: diffusers' DDIM steps from `t` to `t - T // steps`, which is not the next timestep with
 'linspace' spacing, nor with 'trailing' when `steps` does not divide T (e.g. 30); we always step to the next
 timestep (diffusers then relabels its latent; 'leading', the SD default, is unaffected).
@@ -29,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,7 +60,7 @@ CONFIG_DEFAULTS: dict = {
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
-    """The noise levels one sampler visits, with the UNet timestep for each.
+    """The noise levels a sampler visits, with the UNet timestep for each; any sampler can run over any schedule.
 
     sigmas: (n+1,) float64 VE noise levels, decreasing; `sigmas[-1]` is 0, except for DDIM with
         `set_alpha_to_one=False` (SD 1.x configs), where diffusers stops at the smallest training sigma.
@@ -76,17 +73,12 @@ class Schedule:
     timestep_scaling: LCM's boundary-condition scale (`t * timestep_scaling` in c_skip/c_out); None otherwise.
     """
 
-    sampler: str
     sigmas: np.ndarray
     timesteps: np.ndarray
     init_noise_sigma: float
     alphas_cumprod: np.ndarray
     prediction_type: str = "epsilon"
     timestep_scaling: float | None = None
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
 
 
 def _config(config: Mapping) -> dict:
@@ -183,15 +175,20 @@ def lcm_timesteps(config: Mapping, steps: int, strength: float = 1.0) -> np.ndar
     return origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)].astype(float)
 
 
-def make_schedule(config: Mapping, sampler: str, steps: int, strength: float = 1.0) -> Schedule:
-    """The sigmas and UNet timesteps `sampler` visits for `steps` steps, chosen as its diffusers scheduler would.
+SCHEDULE_FAMILIES = ("ddim", "euler", "dpm", "dpm_karras", "lcm")
 
-    config: a diffusers scheduler config (see CONFIG_DEFAULTS). strength < 1 is img2img: like diffusers'
-    img2img `get_timesteps`, keep only the last `int(steps * strength)` steps (LCM instead rescales its grid, as
-    its img2img pipeline does). Noise the encoded image with `add_noise(schedule, latents, noise)`; decode
-    `to_model_space(schedule, sample(...))`.
+
+def family_schedule(config: Mapping, family: str, steps: int, strength: float = 1.0) -> Schedule:
+    """The sigmas and UNet timesteps a diffusers scheduler `family` visits for `steps` steps.
+
+    family: one of SCHEDULE_FAMILIES; "ddim", "euler" and "dpm" space timesteps as DDIMScheduler,
+    EulerDiscreteScheduler and DPMSolverMultistepScheduler do, "dpm_karras" is the latter with Karras sigmas
+    (use_karras_sigmas=True), "lcm" LCMScheduler's distillation grid. config: a diffusers scheduler config (see
+    CONFIG_DEFAULTS). strength < 1 is img2img: like diffusers' img2img `get_timesteps`, keep only the last
+    `int(steps * strength)` steps (LCM instead rescales its grid, as its img2img pipeline does).
     """
-    _check_name(sampler)
+    if family not in SCHEDULE_FAMILIES:
+        raise ValueError(f"unknown schedule family {family!r}; known: {', '.join(SCHEDULE_FAMILIES)}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     cfg = _config(config)
@@ -200,7 +197,6 @@ def make_schedule(config: Mapping, sampler: str, steps: int, strength: float = 1
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
     ac = alphas_cumprod(cfg)
     train_sigmas = sigmas_from_alphas(ac)  # (T,), increasing
-    family = _FAMILY[sampler]
 
     if family == "lcm":
         timesteps = lcm_timesteps(cfg, steps, strength)
@@ -210,18 +206,17 @@ def make_schedule(config: Mapping, sampler: str, steps: int, strength: float = 1
         prev = int(timesteps[-1]) - T // steps
         last = train_sigmas[prev] if prev >= 0 else (0.0 if cfg["set_alpha_to_one"] else train_sigmas[0])
         sigmas = np.append(train_sigmas[timesteps.astype(np.int64)], last)
-    elif sampler == "dpmpp_2m_karras":  # Karras sigmas; the UNet gets the nearest integer timestep
+    elif family == "dpm_karras":  # Karras sigmas; the UNet gets the nearest integer timestep
         sigmas = get_sigmas_karras(steps, train_sigmas[0], train_sigmas[-1])
         timesteps = sigma_to_t(sigmas[:-1], np.log(train_sigmas))
         if cfg["beta_schedule"] != "squaredcos_cap_v2":
             timesteps = timesteps.round()
-    else:  # euler, euler_a, dpmpp_2m: sigmas interpolated at the (possibly fractional) timesteps
+    else:  # euler, dpm: sigmas interpolated at the (possibly fractional) timesteps
         timesteps = spaced_timesteps(cfg, steps, family)
         sigmas = np.append(np.interp(timesteps, np.arange(T), train_sigmas), 0.0)
 
-    sigma_max = float(sigmas.max())
     if family == "euler" and cfg["timestep_spacing"] in ("linspace", "trailing"):
-        init_noise_sigma = sigma_max
+        init_noise_sigma = float(sigmas.max())
     else:  # Euler 'leading', and the VE form of the VP samplers' unit noise
         init_noise_sigma = math.sqrt(float(sigmas[0]) ** 2 + 1)
 
@@ -231,7 +226,15 @@ def make_schedule(config: Mapping, sampler: str, steps: int, strength: float = 1
             raise ValueError(f"strength {strength} leaves no steps out of {steps}")
         timesteps, sigmas = timesteps[t_start:], sigmas[t_start:]
     scaling = float(cfg["timestep_scaling"]) if family == "lcm" else None
-    return Schedule(sampler, sigmas, timesteps, init_noise_sigma, ac, cfg["prediction_type"], scaling)
+    return Schedule(sigmas, timesteps, init_noise_sigma, ac, cfg["prediction_type"], scaling)
+
+
+def make_schedule(config: Mapping, sampler: str, steps: int, strength: float = 1.0) -> Schedule:
+    """The schedule of the family `sampler` follows in REGISTRY (see family_schedule), as its diffusers twin's.
+
+    Noise an encoded image with `add_noise(schedule, latents, noise)`; decode `to_model_space(schedule, sample(...))`.
+    """
+    return family_schedule(config, sampler_record(sampler).family, steps, strength)
 
 
 def add_noise(schedule: Schedule, latents: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -411,29 +414,51 @@ def sample_lcm(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., np.ndarray]] = {
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler_a": sample_euler_ancestral,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_karras": sample_dpmpp_2m,
-    "lcm": sample_lcm,
-}
-# Which diffusers timestep spacing each sampler follows (see spaced_timesteps).
-_FAMILY = {
-    "ddim": "ddim",
-    "euler": "euler",
-    "euler_a": "euler",
-    "dpmpp_2m": "dpm",
-    "dpmpp_2m_karras": "dpm",
-    "lcm": "lcm",
-}
-_STOCHASTIC = ("euler_a", "lcm")
+@dataclass(frozen=True)
+class SamplerRecord:
+    """One sampler: its loop, the schedule family it visits and the diffusers scheduler it reproduces.
+
+    fn: the sampler loop, `fn(denoise, x, sigmas, *, callback)`, plus `noise_sampler` when stochastic.
+    family: the schedule it visits (one of SCHEDULE_FAMILIES, see family_schedule).
+    stochastic: draws fresh noise every step, so two libraries given the same initial noise draw different images.
+    diffusers_class, diffusers_options: the diffusers scheduler's class name and the `from_config` options that make
+        it the same algorithm; a name, resolved with `getattr(diffusers, name)` where diffusers is installed.
+    """
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    family: str
+    diffusers_class: str
+    diffusers_options: Mapping = field(default_factory=dict)
+    stochastic: bool = False
 
 
-def _check_name(name: str) -> None:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+REGISTRY: dict[str, SamplerRecord] = {
+    r.name: r
+    for r in (
+        SamplerRecord("ddim", sample_ddim, "ddim", "DDIMScheduler"),
+        SamplerRecord("euler", sample_euler, "euler", "EulerDiscreteScheduler"),
+        SamplerRecord("euler_a", sample_euler_ancestral, "euler", "EulerAncestralDiscreteScheduler", stochastic=True),
+        SamplerRecord("dpmpp_2m", sample_dpmpp_2m, "dpm", "DPMSolverMultistepScheduler", _DPMPP_2M),
+        SamplerRecord(
+            "dpmpp_2m_karras",
+            sample_dpmpp_2m,
+            "dpm_karras",
+            "DPMSolverMultistepScheduler",
+            {**_DPMPP_2M, "use_karras_sigmas": True},
+        ),
+        SamplerRecord("lcm", sample_lcm, "lcm", "LCMScheduler", stochastic=True),
+    )
+}
+SAMPLERS: dict[str, Callable[..., np.ndarray]] = {name: r.fn for name, r in REGISTRY.items()}  # name -> loop
+
+
+def sampler_record(name: str) -> SamplerRecord:
+    """The registry's record for sampler `name`; ValueError naming the known samplers otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def sample(
@@ -450,13 +475,12 @@ def sample(
 
     x: `noise * schedule.init_noise_sigma` (txt2img) or `add_noise(schedule, image_latents, noise)` (img2img).
     Pass the result through `to_model_space` before decoding. Stochastic samplers draw noise from
-    `noise_sampler`, else from `rng` (a fresh default_rng when both are None).
+    `noise_sampler`, else from `rng` (a fresh default_rng when both are None). Any schedule will do; diffusers
+    parity needs `make_schedule(config, name, ...)`'s.
     """
-    _check_name(name)
-    if schedule.sampler != name:
-        raise ValueError(f"schedule was made for sampler {schedule.sampler!r}, not {name!r}")
+    record = sampler_record(name)
     kwargs: dict = {"callback": callback}
-    if name in _STOCHASTIC:
+    if record.stochastic:
         if noise_sampler is None:
             gen = rng if rng is not None else np.random.default_rng()
 
@@ -464,7 +488,7 @@ def sample(
                 return gen.standard_normal(x.shape).astype(x.dtype, copy=False)
 
         kwargs["noise_sampler"] = noise_sampler
-    return SAMPLERS[name](denoise, x, schedule.sigmas, **kwargs)
+    return record.fn(denoise, x, schedule.sigmas, **kwargs)
 
 
 def to_model_space(schedule: Schedule, x: np.ndarray) -> np.ndarray:
