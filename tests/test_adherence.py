@@ -110,3 +110,13 @@ def test_only_named_attributes_are_scored():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         score(np.zeros((2, 64, 64, 3), np.uint8), ["a red circle"])
+
+
+def test_bench_adherence_scores_only_captions_the_evaluator_reads():
+    """`diffkiln bench --prompts` with a user's own prompts: unreadable captions are left out, never a traceback."""
+    from diffkiln.bench.fidelity import adherence
+
+    black = np.zeros((2, 64, 64, 3))
+    assert set(adherence(black[:1], ["a photo of a cat"]).values()) == {None}
+    mixed = adherence(black, ["a photo of a cat", "a red circle on a white background"])
+    assert mixed["color"] == 0.0 and mixed["position"] is None

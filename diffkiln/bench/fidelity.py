@@ -68,6 +68,19 @@ def is_demo_model(*refs: str | None) -> bool:
 def adherence(images: np.ndarray, captions: list[str]) -> dict[str, float | None]:
     """Adherence of images [N, H, W, 3] in [0, 1] to their demo captions: {<attribute>: accuracy over the captions
     naming it, "all": share of images with every named attribute right} (diffkiln.eval.adherence)."""
-    from diffkiln.eval.adherence import score
+    from diffkiln.demo.data import parse_caption
+    from diffkiln.eval.adherence import ATTRIBUTES, score
 
-    return {k: (None if v is None else float(v)) for k, v in score(images, captions)["accuracy"].items()}
+    def parses(caption: str) -> bool:
+        try:
+            parse_caption(caption)
+        except ValueError:
+            return False
+        return True
+
+    # a user's own prompts may not be demo captions: only the ones the evaluator can read are scored
+    keep = [i for i, c in enumerate(captions) if parses(c)]
+    if not keep:
+        return {k: None for k in [*ATTRIBUTES, "all"]}
+    found = score(np.asarray(images)[keep], [captions[i] for i in keep])["accuracy"]
+    return {k: (None if v is None else float(v)) for k, v in found.items()}
