@@ -19,7 +19,7 @@ from diffkiln.bench.summary import adherence_scores
 from diffkiln.bench.workers import Worker, WorkerError
 from diffkiln.errors import DiffkilnError
 
-REQUESTED = ["torch-fp32", "torch-bf16", "ort-fp32", "ort-opt", "ort-fp16", "trt-fp16"]
+REQUESTED = ["torch-fp32", "torch-bf16", "ort-fp32", "ort-opt", "ort-fp16", "trt-fp16", "openvino-fp32", "ort-sdopt"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,19 @@ def test_every_requested_path_is_measured_or_explained(bench):
     assert report["paths"]["ort-fp16"]["status"] == "skipped"
     reason = report["paths"]["trt-fp16"]["reason"]
     assert "no NVIDIA GPU" in reason if not report["environment"]["gpus"] else "have not landed yet" in reason
+
+
+def test_peer_paths_run_or_say_why(bench):
+    """OpenVINO (f32 hint) on the plain export gives diffkiln's ORT image; the peer optimizer (ortx.py) runs or
+    is reported failed with its one-line reason, never a crash of the bench."""
+    report, _ = bench
+    openvino = report["paths"]["openvino-fp32"]
+    if openvino["status"] == "ok":
+        assert openvino["fidelity"]["psnr_db"] >= 40
+    else:
+        assert "pip install diffkiln[openvino]" in openvino["reason"]
+    sdopt = report["paths"]["ort-sdopt"]
+    assert (sdopt["status"] == "ok" and sdopt["fidelity"]["psnr_db"] >= 40) or sdopt["reason"], sdopt
 
 
 def test_same_prompts_noise_and_sampler_on_every_path(bench):
