@@ -8,6 +8,8 @@ this one process on the same inputs: a warm-up call, then `--runs` timed calls; 
   ort-plain     the exported graph as is
   ort-<form>    the ort-cpu preset with attention as MultiHeadAttention ("mha", the default choice),
                 the standard-ONNX canonical form, or left unfused ("keep")
+  openvino-f32, openvino-bf16   OpenVINO (the peer) on the plain export, inference precision set explicitly
+                (`--openvino f32,bf16`; skipped when openvino is not installed)
 `--profile` adds ONNX Runtime's per-op-type time for one call of each ORT path (where the time goes).
 Efficiency: the UNet's FLOPs are counted once (torch's FlopCounterMode) and each path's achieved GFLOP/s is set
 against this machine's measured fp32 GEMM peak (a 2048² matmul on all cores, measured first).
@@ -32,7 +34,7 @@ from pathlib import Path
 from diffkiln import kiln
 from diffkiln.exporter import ExportOptions, export, open_source
 from diffkiln.optimizers.optimize import optimize
-from diffkiln.runtime.runners import OrtOptions, session_from_onnx
+from diffkiln.runtime.runners import OpenVinoRunner, OrtOptions, session_from_onnx
 from diffkiln.specs import PipelineInfo, component_specs, dims
 
 RESULTS = Path(__file__).parent / "results" / "optimize_unet.json"
@@ -68,6 +70,14 @@ def ort_path(path: Path, feeds: dict, runs: int, profile: bool) -> dict:
     return result
 
 
+def openvino_path(path: Path, feeds: dict, runs: int, hint: str) -> dict:
+    with OpenVinoRunner(path, precision_hint=hint) as runner:
+        times = timed(lambda: runner.infer(feeds), runs)
+        ran = runner.precision_hint
+    gc.collect()
+    return {"times": times, "precision": ran}
+
+
 def gemm_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     """Best fp32 GEMM throughput over a few repeats: the machine's practical peak."""
     import numpy as np
@@ -101,6 +111,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--forms", default="mha,keep,canonical", help="attention forms to optimize and time")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--openvino", default="f32,bf16", help="OpenVINO precision hints to time ('' for none)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="diffkiln-unet-"))
@@ -124,6 +135,13 @@ def main() -> None:
     gflop = results["torch"]["gflop"]
     for name, path in paths.items():
         results[name] = ort_path(path, feeds, args.runs, args.profile)
+        print(f"{name}: median {statistics.median(results[name]['times']):.2f} s", flush=True)
+    import importlib.util
+
+    hints = [h for h in args.openvino.split(",") if h] if importlib.util.find_spec("openvino") else []
+    for hint in hints:
+        name = f"openvino-{hint}"
+        results[name] = openvino_path(paths["ort-plain"], feeds, args.runs, hint)
         print(f"{name}: median {statistics.median(results[name]['times']):.2f} s", flush=True)
 
     base = statistics.median(results["ort-plain"]["times"])
