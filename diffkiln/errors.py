@@ -27,6 +27,9 @@ class KilnError(DiffkilnError):
     """A kiln directory is missing, incomplete or stale."""
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a full disk or quota
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (libraries like ONNX Runtime raise pages), or its type."""
     text = str(e).strip()
@@ -42,7 +45,7 @@ def library_errors(what: str, fix: str, kind: type[DiffkilnError] | None = None)
     except (DiffkilnError, KeyboardInterrupt, MemoryError):
         raise
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in DISK_FULL:
             raise
         raise (kind or KilnError)(f"{what}: {first_line(e)}; {fix}") from None
     except Exception as e:

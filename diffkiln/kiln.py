@@ -20,7 +20,6 @@ Reading an untrusted kiln dir (schema, path confinement) is `kiln_reader.py`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -31,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from diffkiln.errors import KilnError, OutputError
+from diffkiln.errors import DISK_FULL, KilnError, OutputError
 from diffkiln.kiln_reader import MANIFEST, WEIGHT_MAP, inside, read_weight_map  # noqa: F401 (re-exported)
 from diffkiln.kiln_reader import read_manifest as _read_manifest
 
@@ -98,11 +97,15 @@ def full_disk_is_an_error(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in DISK_FULL:
             raise
-        raise OutputError(
-            f"cannot write {out}: its disk is full; free some space or choose another output path (nothing was written)"
-        ) from None
+        raise disk_full_error(out) from None
+
+
+def disk_full_error(out: Path) -> OutputError:
+    return OutputError(
+        f"cannot write {out}: its disk is full; free some space or choose another output path (nothing was written)"
+    )
 
 
 def check_output_path(out: Path, sources: Sequence[Path] = (), nested_ok: bool = False) -> Path:
@@ -235,11 +238,8 @@ class StageWriter:
             if exc_type is None and self._finished:
                 with full_disk_is_an_error(self.out):
                     _replace(self._tmp, self.out)
-            elif exc_type is not None and issubclass(exc_type, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutputError(
-                    f"cannot write {self.out}: its disk is full; free some space or choose another output path "
-                    "(nothing was written)"
-                ) from None
+            elif isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                raise disk_full_error(self.out) from None
         finally:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
