@@ -238,6 +238,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
         parse_paths("torch-fp32,ort-fast")
     with pytest.raises(DiffkilnError, match="unknown scheduler"):
         run_bench("tiny", ["ort-fp32"], scheduler="plms", report_dir=tmp_path, log=lambda _: None)
+    with pytest.raises(DiffkilnError, match="unknown bench kind 'micro'; choose one of generate, components"):
+        run_bench("tiny", ["ort-fp32"], kind="micro", report_dir=tmp_path, log=lambda _: None)
     with pytest.raises(DiffkilnError, match="--height 60 must be a positive multiple of 8"):
         BenchConfig(height=60).check()
     (tmp_path / "empty.txt").write_text("# only a comment\n")
@@ -319,3 +321,34 @@ def test_importing_bench_loads_no_torch_or_matplotlib():
     code = "import sys, diffkiln.bench; print([m for m in ('torch', 'diffusers', 'matplotlib') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_components_kind_times_each_component_on_every_path(tmp_path, monkeypatch):
+    """`--kind components`: one UNet step and one VAE decode per path, interleaved, with speedups against torch."""
+    monkeypatch.setenv("DIFFKILN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "micro"
+    paths = ["torch-fp32", "ort-fp32", "ort-opt", "trt-fp16"]
+    report = run_bench("tiny", paths, kind="components", height=64, width=64, runs=3, report_dir=out, log=print)
+    assert json.loads((out / "report.json").read_text())["format"] == "diffkiln-bench-components/1"
+    assert report["config"]["kind"] == "components" and report["paths"]["trt-fp16"]["status"] == "skipped"
+    for component in ("unet", "vae_decoder"):
+        rows = report["components"][component]["paths"]
+        assert list(rows) == ["torch-fp32", "ort-fp32", "ort-opt"]
+        assert all(r["latency"]["n"] == 3 and r["latency"]["min"] > 0 for r in rows.values())
+        assert rows["torch-fp32"]["speedup"] == pytest.approx(1.0)
+        assert report["components"][component]["gflop_per_call"] > 0
+    text = (out / "report.md").read_text()
+    assert text.startswith("# diffkiln bench, one call per component: tiny, 64×64, batch 1 (UNet on 2·batch rows")
+    assert "| unet | `ort-opt` |" in text and "- `trt-fp16`: skipped: " in text and "## Method" in text
+
+
+def test_method_text_is_written_from_the_constants(monkeypatch):
+    from diffkiln.bench import report
+
+    assert "cut to 2 steps" in report.method()["interleaving"] and "a 0.2 s pause" in report.method()["interleaving"]
+    monkeypatch.setattr(report, "WARMUP_STEPS", 3)
+    monkeypatch.setattr(report, "SETTLE_S", 0.5)
+    monkeypatch.setattr(report, "GEMM_REPEATS", 9)
+    text = report.method()
+    assert "cut to 3 steps" in text["interleaving"] and "a 0.5 s pause" in text["interleaving"]
+    assert text["peak"].startswith("best of 9 square GEMMs") and "capped at 100 dB" in text["fidelity"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from diffkiln.bench.config import read_prompts
+from diffkiln.bench.config import KINDS, read_prompts
 from diffkiln.bench.paths import DEFAULT_PATHS, PATHS
 from diffkiln.runtime.schedulers import REGISTRY
 
@@ -47,6 +47,14 @@ OPTIONS = [
         "--one-at-a-time",
         is_flag=True,
         help="Keep one path in memory at a time (reloaded every round) when all of them do not fit together.",
+    ),
+    click.option(
+        "--kind",
+        type=click.Choice(KINDS),
+        default="generate",
+        show_default=True,
+        help="What each timed call is: a whole generation, or one call of each component (a CFG UNet step, one VAE "
+        "decode) on identical seeded inputs: where the end-to-end differences come from.",
     ),
     click.option(
         "--report",

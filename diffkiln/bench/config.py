@@ -16,6 +16,8 @@ from diffkiln.errors import DiffkilnError
 from diffkiln.runtime.schedulers import REGISTRY
 from diffkiln.specs import VAE_SCALE
 
+KINDS = ("generate", "components")  # what one bench call is: a whole generation, or one call of each component
+WARMUP_STEPS = 2  # warm-up generations: every kernel, shape and arena of a full one, at a tenth of the cost
 DEFAULT_PROMPTS = (
     "a small red circle on a blue background, top left",
     "a large yellow triangle on a black background, center",

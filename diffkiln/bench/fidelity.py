@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 PSNR_CAP_DB = 100.0  # identical images: report the cap instead of infinity, so every number stays finite
 
 
@@ -33,7 +34,7 @@ def _blur(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return np.tensordot(sliding_window_view(x, len(kernel), axis=1), kernel, axes=([-1], [0]))
 
 
-def ssim(image: np.ndarray, reference: np.ndarray, window: int = 11, sigma: float = 1.5) -> float:
+def ssim(image: np.ndarray, reference: np.ndarray, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> float:
     """Mean structural similarity of two [H, W, C] images in [0, 1] (1.0 = identical)."""
     a, b = image.astype(np.float64), reference.astype(np.float64)
     kernel = _gaussian(min(window, *a.shape[:2]), sigma)

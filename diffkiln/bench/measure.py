@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+GEMM_REPEATS = 5  # a GEMM peak is the best of this many calls
+
 
 def stats(values: Sequence[float]) -> dict:
     """median / min / max / n of a list of seconds (empty → n = 0 and no figures)."""
@@ -53,7 +55,7 @@ def gemm_side(cores: int) -> int:
     return 2048 if cores <= 8 else 4096
 
 
-def numpy_gemm_flops(n: int, repeats: int = 5) -> float:
+def numpy_gemm_flops(n: int, repeats: int = GEMM_REPEATS) -> float:
     """FLOP/s of an fp32 n×n×n matmul through numpy's BLAS (2·n³ FLOPs a call)."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))

@@ -1,25 +1,21 @@
-"""Micro-benchmarks: one component call (UNet step, VAE decode) per path, on identical seeded feeds.
+"""The bench's "components" kind: one component call (UNet step, VAE decode) per path instead of whole
+generations — where the end-to-end differences come from.
 
-Same machinery as `run_bench` (one worker per path, one-off work first, calls interleaved A B C A B C …), but each
-call is a single component on the spec's sample inputs at the bench shape: the UNet on 2·batch rows when guidance
-is on (one CFG step), the VAE decoder on batch latents. Writes micro.json and micro.md.
+`run_bench(..., kind="components")` runs it with the same skeleton (one worker per path, one-off work first, calls
+interleaved A B C A B C …); this module holds only what differs: the calls (the spec's seeded sample inputs at the
+bench shape: the UNet on 2·batch rows when guidance is on, one CFG step; the VAE decoder on batch latents), their
+summary and their tables.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-
-from diffkiln.bench import env, report
 from diffkiln.bench.config import BenchConfig
 from diffkiln.bench.measure import stats
-from diffkiln.bench.paths import DEFAULT_PATHS, REFERENCE, parse_paths
-from diffkiln.bench.session import BenchSession
-from diffkiln.bench.subject import resolve
+from diffkiln.bench.paths import REFERENCE
 from diffkiln.bench.summary import peak_for
 from diffkiln.specs import VAE_SCALE, component_specs, dims
 
+FORMAT = "diffkiln-bench-components/1"
 COMPONENTS = ("unet", "vae_decoder")
 
 
@@ -30,55 +26,18 @@ def component_feeds(info, component: str, config: BenchConfig) -> dict:
     return component_specs(info)[component].sample_inputs(shape, info, seed=0)
 
 
-def run_micro(
-    source_or_kiln: str,
-    paths: Sequence[str] | str = DEFAULT_PATHS,
-    *,
-    components: Sequence[str] = COMPONENTS,
-    height: int | None = None,
-    width: int | None = None,
-    batch: int = 1,
-    guidance: float = 7.5,
-    runs: int = 5,
-    warmup: int = 1,
-    one_at_a_time: bool = False,
-    report_dir: Path = Path("bench-micro"),
-    log: Callable[[str], None] = print,
-) -> dict:
-    names = parse_paths(paths)
-    config = BenchConfig(height, width, steps=1, batch=batch, guidance=guidance, runs=runs, warmup=warmup)
-    config.check()
-    subject = resolve(source_or_kiln)
-    config = config.sized(subject.native_size)
-    out = Path(report_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    environment = env.environment()
+def calls(subject, config: BenchConfig) -> list[tuple[str, dict]]:
+    """One `time_component` call per component; warm-up rounds send the same calls."""
+    return [("time_component", {"component": c, "feeds": component_feeds(subject.info, c, config)}) for c in COMPONENTS]
 
-    calls = [
-        ("time_component", {"component": c, "feeds": component_feeds(subject.info, c, config)}) for c in components
-    ]
-    with BenchSession(subject, names, config, log, one_at_a_time) as session:
-        for run, index, seconds, measured in session.interleaved(calls, runs, warmup):
-            if measured:
-                run.samples.append({"component": components[index], "seconds": seconds})
-    environment["load_average_end"] = env.load_average()
 
-    result = {
-        "format": "diffkiln-bench-micro/1",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "subject": subject.to_json(),
-        "config": {"height": config.height, "width": config.width, "batch": batch, "cfg": config.cfg, "runs": runs},
-        "environment": environment,
-        "machine_peak": session.machine,
-        "flops": session.flops,
-        "components": {c: _component_summary(c, session) for c in components},
-        "skipped_or_failed": {r.name: f"{r.status}: {r.reason}" for r in session.runs if r.status != "ok"},
-        "warnings": [*session.warnings, *filter(None, [env.busy_warning(environment)])],
-    }
-    report.write_json(result, out / "micro.json")
-    (out / "micro.md").write_text(_markdown(report.clean(result)), encoding="utf-8")
-    log(f"wrote {out / 'micro.md'}")
-    return report.clean(result)
+def record(run, index: int, seconds: float) -> None:
+    run.samples.append({"component": COMPONENTS[index], "seconds": seconds})
+
+
+def summarize(session) -> dict:
+    """The report's kind-specific part: per component, each path's latency, throughput and speedup."""
+    return {"components": {c: _component_summary(c, session) for c in COMPONENTS}}
 
 
 def _component_summary(component: str, session) -> dict:
@@ -102,16 +61,16 @@ def _component_summary(component: str, session) -> dict:
     return {"gflop_per_call": per_call / 1e9 if per_call else None, "paths": rows}
 
 
-def _markdown(result: dict) -> str:
+def markdown(result: dict) -> list[str]:
     c = result["config"]
     lines = [
-        f"# diffkiln micro-benchmarks: {result['subject']['ref']}, {c['height']}×{c['width']}, batch {c['batch']}"
-        f"{' (UNet on 2·batch rows: CFG)' if c['cfg'] else ''}, median of {c['runs']} calls",
+        f"# diffkiln bench, one call per component: {result['subject']['ref']}, {c['height']}×{c['width']}, "
+        f"batch {c['batch']}{' (UNet on 2·batch rows: CFG)' if c['cfg'] else ''}, median of {c['runs']} calls",
         "",
         f"CPU: {result['environment']['cpu']['model']}; load average start / end: "
         f"{result['environment']['load_average_start']} / {result['environment']['load_average_end']}",
         "",
-        "| component | path | median ms (min–max) | GFLOP/s | of GEMM peak | speedup vs torch-fp32 |",
+        f"| component | path | median ms (min–max) | GFLOP/s | of GEMM peak | speedup vs {REFERENCE} |",
         "|---|---|---|---|---|---|",
     ]
     for component, summary in result["components"].items():
@@ -122,6 +81,15 @@ def _markdown(result: dict) -> str:
             share = f"{e['fraction_of_peak']:.1%}" if e.get("fraction_of_peak") is not None else "—"
             speed = f"{e['speedup']:.2f}×" if e.get("speedup") else "—"
             lines.append(f"| {component} | `{name}` | {span} | {gflops} | {share} | {speed} |")
-    lines += ["", *[f"- `{name}`: {why}" for name, why in result["skipped_or_failed"].items()]]
-    lines += [f"- **warning**: {w}" for w in result["warnings"]]
-    return "\n".join(lines) + "\n"
+    failed = {n: p for n, p in result["paths"].items() if p["status"] != "ok"}
+    lines += ["", *[f"- `{name}`: {p['status']}: {p['reason']}" for name, p in failed.items()]]
+    return lines + [f"- **warning**: {w}" for w in result["warnings"]]
+
+
+def console_summary(result: dict) -> list[str]:
+    lines = [f"{'component':12s} {'path':14s} {'median ms':>10s} {'speedup':>8s}"]
+    for component, summary in result["components"].items():
+        for name, e in summary["paths"].items():
+            speed = f"{e['speedup']:.2f}×" if e.get("speedup") else "—"
+            lines.append(f"{component:12s} {name:14s} {e['latency']['median'] * 1e3:10.1f} {speed:>8s}")
+    return lines

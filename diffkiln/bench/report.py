@@ -12,27 +12,38 @@ from pathlib import Path
 import numpy as np
 
 from diffkiln import kiln
+from diffkiln.bench.config import WARMUP_STEPS
+from diffkiln.bench.fidelity import PSNR_CAP_DB, SSIM_SIGMA, SSIM_WINDOW
+from diffkiln.bench.measure import GEMM_REPEATS
 from diffkiln.bench.paths import REFERENCE
+from diffkiln.bench.session import SETTLE_S
 
-METHOD = {
-    "interleaving": "all paths run in one invocation on the same prompts and initial latents; every round sends "
-    "each prompt to every path in turn (A B C A B C …), so slow drift (thermals, background load) hits all alike; "
-    "warm-up rounds (the same generations cut to 2 steps: same shapes and kernels) are run and discarded; a 0.2 s "
-    "pause before each call lets the previous worker's thread pools go idle. With --one-at-a-time only one path is "
-    "resident: each round starts, loads, warms up and closes every path in turn, so paths alternate per round",
-    "timing": "wall clock (time.perf_counter) inside each worker; stages from diffkiln's runner timings, and for "
-    "torch from forward hooks on the text encoders and UNet and a wrapper around vae.decode",
-    "memory": "each path runs in its own worker process; peak RSS is the kernel's high-water mark (VmHWM) of that "
-    "process over its whole life (model load included), so it counts the interpreter and libraries too; "
-    "'after imports' is the RSS once the libraries are imported, before the model loads",
-    "flops": "one call of each component counted by torch.utils.flop_counter.FlopCounterMode on the meta device "
-    "(matmul, convolution, attention; 2 FLOPs per multiply-add)",
-    "peak": "best of 5 square GEMMs after a warm-up, at the start of this run (under the same load): numpy fp32 "
-    "(BLAS), torch fp32 and, on CPUs with native bf16, torch bf16 (oneDNN)",
-    "fidelity": "PSNR (data range 1, capped at 100 dB = numerically identical) and SSIM (11-tap gaussian "
-    f"window, sigma 1.5) of each image against {REFERENCE}'s for the same prompt and initial noise, averaged over "
-    "prompts and batch",
-}
+def method() -> dict[str, str]:
+    """How the bench measures, written from the constants that decide it (so the text cannot drift from them)."""
+    return {
+        "interleaving": "all paths run in one invocation on the same calls (prompts and initial latents, or "
+        "component inputs); every round sends each call to every path in turn (A B C A B C …), so slow drift "
+        "(thermals, background load) hits all alike; warm-up rounds (generations cut to "
+        f"{WARMUP_STEPS} steps: same shapes and kernels) are run and discarded; a {SETTLE_S:g} s pause before each "
+        "call lets the previous worker's thread pools go idle. With --one-at-a-time only one path is resident: each "
+        "round starts, loads, warms up and closes every path in turn, so paths alternate per round",
+        "timing": "wall clock (time.perf_counter) inside each worker; stages from diffkiln's runner timings, and for "
+        "torch from forward hooks on the text encoders and UNet and a wrapper around vae.decode",
+        "memory": "each path runs in its own worker process; peak RSS is the kernel's high-water mark (VmHWM) of "
+        "that process over its whole life (model load included), so it counts the interpreter and libraries too; "
+        "'after imports' is the RSS once the libraries are imported, before the model loads",
+        "flops": "one call of each component counted by torch.utils.flop_counter.FlopCounterMode on the meta device "
+        "(matmul, convolution, attention; 2 FLOPs per multiply-add)",
+        "peak": f"best of {GEMM_REPEATS} square GEMMs after a warm-up, at the start of this run (under the same "
+        "load): numpy fp32 (BLAS), torch fp32 and, on CPUs with native bf16, torch bf16 (oneDNN)",
+        "fidelity": f"PSNR (data range 1, capped at {PSNR_CAP_DB:g} dB = numerically identical) and SSIM "
+        f"({SSIM_WINDOW}-tap gaussian window, sigma {SSIM_SIGMA:g}) of each image against {REFERENCE}'s for the same "
+        "prompt and initial noise, averaged over prompts and batch",
+    }
+
+
+def method_lines(method: dict[str, str]) -> list[str]:
+    return ["", "## Method", "", *[f"- **{k}**: {v}" for k, v in method.items()]]
 
 
 def clean(value):
@@ -223,18 +234,14 @@ def _fidelity(report: dict) -> list[str]:
     return [*lines, "", "![speed vs fidelity](speed_vs_fidelity.png)", "", "![image grid](image_grid.png)"]
 
 
-def _method() -> list[str]:
-    return ["", "## Method", "", *[f"- **{k}**: {v}" for k, v in METHOD.items()]]
-
-
 def _ran(report: dict):
     return [(n, p) for n, p in report["paths"].items() if p["status"] == "ok" and "latency" in p]
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict) -> list[str]:
+    """report.md's lines, the method section aside."""
     sections = [_environment, _paths, _latency, _efficiency, _resources, _fidelity]
-    lines = [line for section in sections for line in section(report)] + _method()
-    return "\n".join(lines) + "\n"
+    return [line for section in sections for line in section(report)]
 
 
 def console_summary(report: dict) -> list[str]:

@@ -31,4 +31,5 @@ def run_scripted(settings: dict, description: str) -> dict:
 
     s = parse(settings, description)
     keys = ("height", "width", "steps", "batch", "scheduler", "guidance", "prompts", "runs", "warmup", "one_at_a_time")
+    keys += ("kind",)
     return run_bench(s["source"], s["paths"], report_dir=s["report"], **{k: s[k] for k in keys if k in s})

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from diffkiln import kiln
-from diffkiln.bench.measure import best_time, gemm_side, numpy_gemm_flops
+from diffkiln.bench.measure import GEMM_REPEATS, best_time, gemm_side, numpy_gemm_flops
 
 
 class ToolsBackend:
@@ -34,7 +34,7 @@ class ToolsBackend:
     def op_gemm_peaks(self, with_torch: bool, bf16: bool) -> dict:
         """Best FLOP/s of a square matmul: numpy fp32 (BLAS), torch fp32 and torch bf16 (oneDNN)."""
         n = gemm_side(os.cpu_count() or 1)
-        peaks = {"numpy_fp32": numpy_gemm_flops(n, repeats=5)}
+        peaks = {"numpy_fp32": numpy_gemm_flops(n)}
         if with_torch:
             import torch
 
@@ -42,7 +42,7 @@ class ToolsBackend:
             for name, dtype in dtypes.items():
                 a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
                 with torch.inference_mode():
-                    peaks[name] = 2 * n**3 / best_time(lambda a=a, b=b: a @ b, 5)
+                    peaks[name] = 2 * n**3 / best_time(lambda a=a, b=b: a @ b, GEMM_REPEATS)
         return {"n": n, "flops": peaks}
 
     def op_count_flops(self, source_ref: str, height: int, width: int, batch: int, cfg: bool) -> dict:
