@@ -18,6 +18,7 @@ from diffkiln.bench.measure import GEMM_REPEATS
 from diffkiln.bench.paths import REFERENCE
 from diffkiln.bench.session import SETTLE_S
 
+
 def method() -> dict[str, str]:
     """How the bench measures, written from the constants that decide it (so the text cannot drift from them)."""
     return {

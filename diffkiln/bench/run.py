@@ -84,12 +84,12 @@ def run_bench(
         calls = warmup_calls = micro.calls(subject, config)
     with BenchSession(subject, names, config, log, one_at_a_time) as session:
         for run, index, result, measured in session.interleaved(calls, config.runs, config.warmup, warmup_calls):
+            note = "" if measured else " (warm-up)"
             if kind == "components":
-                log(f"  {run.name}: {micro.COMPONENTS[index]} in {result * 1e3:.1f} ms{'' if measured else ' (warm-up)'}")
+                log(f"  {run.name}: {micro.COMPONENTS[index]} in {result * 1e3:.1f} ms{note}")
                 if measured:
                     micro.record(run, index, result)
                 continue
-            note = "" if measured else " (warm-up)"
             log(f"  {run.name}: prompt {index + 1} in {result['stages']['total']:.2f} s{note}")
             if measured:
                 run.images[index] = result["images"]
