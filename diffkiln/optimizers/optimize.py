@@ -3,13 +3,17 @@
 The output is a complete kiln directory (manifest, tokenizers, scheduler, weight map, graphs) at
 `KILN/optimized/<target>-<precision>/` unless told otherwise, so `diffkiln run -m` takes it as is. Each graph
 is checked against the unoptimized one in ONNX Runtime at the export's two parity shapes (fp32: rel err ≤ 1e-4);
-a failure names the component, output and stage, and nothing is written.
+a failure names the component, output and stage, and nothing is written. With `precision` fp16 or int8 the
+chosen components are then converted (optimizers/precision/) on calibration inputs recorded from the pipeline
+(`calibration(components) -> {component: [feeds]}`, see diffkiln/calibration.py), scored against fp32 on
+held-back inputs, and described in precision_report.json (islands, kept layers, ranges: the recipe).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -18,15 +22,17 @@ from pathlib import Path
 import onnx_ir as ir
 
 from diffkiln import __version__, kiln
-from diffkiln.errors import library_errors
+from diffkiln.errors import DiffkilnError, library_errors
 from diffkiln.onnxio import has_external_data, load_graph
 from diffkiln.optimizers.manager import run_passes
-from diffkiln.optimizers.presets import preset
+from diffkiln.optimizers.precision.apply import PrecisionOptions, apply
+from diffkiln.optimizers.presets import PRECISION_COMPONENTS, preset
 from diffkiln.parity import MAX_REL_ERR, check, ort_session
 from diffkiln.specs import PipelineInfo, component_specs, parity_dims
 from diffkiln.weight_map import follow
 
 REPORT = "optimize_report.json"
+PRECISION_REPORT = "precision_report.json"
 EXTERNAL_THRESHOLD = 1 << 31  # bytes of initializers above which weights go to model.onnx.data
 
 
@@ -42,12 +48,24 @@ def optimize(
     force: bool = False,
     log: Callable = print,
     attention: str | None = None,
+    *,
+    components: list[str] | None = None,
+    calibration: Callable[[list[str]], dict[str, list[dict]]] | None = None,
+    calibration_key: dict | None = None,
+    options: PrecisionOptions | None = None,
+    recipe: dict | None = None,
 ) -> dict:
     """Optimize every component of `kiln_dir`; returns the report. `attention` overrides the target's choice
-    of attention form (benchmarks only)."""
+    of attention form (benchmarks only). fp16/int8 convert `components` (default: PRECISION_COMPONENTS) on what
+    `calibration` records; `calibration_key` (prompts, steps …) goes into the stamp; `recipe` replays an earlier
+    precision_report.json's choices."""
     kiln_dir = Path(kiln_dir)
     manifest = kiln.read_manifest(kiln_dir)
     passes = preset(target, precision, attention)  # validates target and precision before any work
+    options = options or PrecisionOptions()
+    chosen = _precision_components(precision, components, manifest)
+    if chosen and calibration is None:
+        raise DiffkilnError(f"--precision {precision} needs calibration inputs recorded from the pipeline")
     default = out is None or Path(out) == default_out(kiln_dir, target, precision)
     out = Path(out) if out else default_out(kiln_dir, target, precision)
     stamp = {
@@ -56,6 +74,13 @@ def optimize(
         "precision": precision,
         "attention": attention or "default",
     }
+    if chosen:
+        stamp |= {
+            "components": chosen,
+            "calibration": calibration_key or {},
+            "options": options.to_json(),
+            "recipe": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest() if recipe else None,
+        }
     made_parent = default and not out.parent.exists()
     if made_parent:
         out.parent.mkdir(parents=True)
@@ -75,7 +100,8 @@ def optimize(
                 log(f"{out} is up to date (use --force to re-optimize)")
                 return _read_report(out) or {}
             w.check_space(kiln.components_bytes(kiln_dir, manifest["components"]))
-            report = _optimize_into(kiln_dir, manifest, w, passes, stamp, log)
+            precision_plan = (chosen, calibration, options, recipe) if chosen else None
+            report = _optimize_into(kiln_dir, manifest, w, passes, stamp, log, precision_plan)
     except BaseException:
         if made_parent:
             with contextlib.suppress(OSError):
@@ -84,7 +110,22 @@ def optimize(
     return report
 
 
-def _optimize_into(kiln_dir: Path, manifest: dict, w: kiln.StageWriter, passes, stamp: dict, log) -> dict:
+def _precision_components(precision: str, components: list[str] | None, manifest: dict) -> list[str]:
+    if precision == "fp32":
+        if components:
+            raise DiffkilnError("--components chooses what --precision fp16/int8 converts; fp32 converts nothing")
+        return []
+    present = list(manifest["components"])
+    wanted = components or [c for c in PRECISION_COMPONENTS[precision] if c in present]
+    unknown = [c for c in wanted if c not in present]
+    if unknown:
+        raise DiffkilnError(f"--components {unknown[0]} is not in this kiln dir (it has {', '.join(present)})")
+    return list(dict.fromkeys(wanted))
+
+
+def _optimize_into(
+    kiln_dir: Path, manifest: dict, w: kiln.StageWriter, passes, stamp: dict, log, precision_plan=None
+) -> dict:
     info = PipelineInfo.from_json(manifest["pipeline"])
     specs = component_specs(info)
     weight_map = kiln.read_weight_map(kiln_dir)
@@ -95,21 +136,41 @@ def _optimize_into(kiln_dir: Path, manifest: dict, w: kiln.StageWriter, passes, 
         "precision": stamp["precision"],
         "from": str(kiln_dir.resolve()),
     }
+    chosen, calibration, options, recipe = precision_plan or ([], None, None, None)
+    feeds = {}
+    if chosen:
+        log(f"recording calibration inputs for {', '.join(chosen)} from the fp32 pipeline")
+        feeds = calibration(chosen)
+    precision_report = {"precision": stamp["precision"], "target": stamp["target"], "components": {}}
+    new_manifest["precision"] = stamp["precision"] if chosen else manifest.get("precision", "fp32")
     for name in manifest["components"]:
         src = kiln.model_path(kiln_dir, name)
         dst = kiln.model_path(w.tmp, name)
         record = optimize_component(src, dst, specs[name], info, passes, log)
         weight_map[name], lost = follow(weight_map.get(name, {}), src, dst)
         record["weights_lost"] = lost
+        component_precision = "fp32"
+        if name in chosen:
+            component_recipe = (recipe or {}).get("components", {}).get(name)
+            precision_report["components"][name] = apply(
+                name, dst.parent, stamp["precision"], stamp["target"], feeds[name], options, component_recipe, log
+            )
+            component_precision = stamp["precision"]
+            weight_map.pop(name, None)  # converted weights no longer match the source's by value: no refit map
         report["components"][name] = record
         new_manifest["components"][name].update(
             files=kiln.file_records(dst.parent),
             external_data=(dst.parent / "model.onnx.data").exists(),
             optimize=record,
+            precision=component_precision,
         )
     w.copy_support(kiln_dir, manifest)
     kiln.write_json(w.tmp / kiln.WEIGHT_MAP, weight_map)
-    w.finish(new_manifest, reports={REPORT: report})
+    reports = {REPORT: report}
+    if chosen:
+        precision_report["options"] = options.to_json()
+        reports[PRECISION_REPORT] = precision_report
+    w.finish(new_manifest, reports=reports)
     return report
 
 

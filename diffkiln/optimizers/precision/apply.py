@@ -1,0 +1,165 @@
+"""One component to fp16 or int8, inside a stage's staging folder, measured on held-back calibration inputs.
+
+`apply(...)` takes the component's fp32 (already fused) graph in `folder/model.onnx`, writes the converted graph
+into `folder.<precision>/`, scores it against fp32 on the held-back inputs (every HOLD_OUT-th recorded input
+is kept out of calibration) and swaps the folders. The record says what was kept in higher precision and why,
+the ranges used (the recipe) and the fidelity reached.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from diffkiln.errors import DiffkilnError, ParityError
+from diffkiln.optimizers.precision import fp16, int8, sensitivity, stats
+from diffkiln.runtime.runners import OrtOptions, session_from_onnx
+
+HOLD_OUT = 5  # every 5th recorded input scores, the rest calibrate
+EXTERNAL_THRESHOLD = 1 << 31
+ACTIVATIONS = {"tensorrt": "int8", "ort-cpu": "int8"}  # TensorRT takes symmetric int8 only (S8S8)
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    percentile: float = 99.0  # of the per-step amax over calibration steps (100: their max)
+    min_psnr: float | None = None  # int8: keep the most sensitive groups in float until the UNet output meets it
+    fp16_io: bool = False
+    data_max: float = fp16.DATA_MAX
+
+    def to_json(self) -> dict:
+        return {"percentile": self.percentile, "min_psnr": self.min_psnr, "fp16_io": self.fp16_io}
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > EXTERNAL_THRESHOLD:
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def split(feeds: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(calibration, held-back): every HOLD_OUT-th input is held back; at least one of each."""
+    if len(feeds) < 2:
+        raise DiffkilnError("calibration recorded fewer than 2 inputs; give more --calib-prompts")
+    held = feeds[HOLD_OUT - 1 :: HOLD_OUT] or feeds[-1:]
+    calib = [f for i, f in enumerate(feeds) if (i + 1) % HOLD_OUT or len(feeds) < HOLD_OUT] or feeds[:-1]
+    return calib, held
+
+
+def outputs_on(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
+    session = session_from_onnx(path, OrtOptions(optimization="all"))
+    result = [session.run(None, f) for f in feeds]
+    del session
+    gc.collect()
+    return result
+
+
+def score(path: Path, feeds: list[dict], reference: list[list[np.ndarray]]) -> dict:
+    got = outputs_on(path, feeds)
+    worst = min(
+        sensitivity.psnr_db([g[i] for g in got], [r[i] for r in reference]) for i in range(len(reference[0]))
+    )
+    rel = max(
+        float(np.max(np.abs(g[i].astype(np.float64) - r[i])) / max(float(np.max(np.abs(r[i]))), 1e-12))
+        for g, r in zip(got, reference, strict=True)
+        for i in range(len(r))
+    )
+    return {"psnr_db": worst, "rel_err": rel if math.isfinite(rel) else float("inf")}
+
+
+def apply(
+    name: str,
+    folder: Path,
+    precision: str,
+    target: str,
+    feeds: list[dict],
+    options: PrecisionOptions,
+    recipe: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    calib, held = split(feeds)
+    src = folder / "model.onnx"
+    work = folder.with_name(f"{folder.name}.{precision}")
+    work.mkdir()
+    try:
+        reference = outputs_on(src, held)
+        if precision == "fp16":
+            record = fp16.to_fp16(
+                src, work / "model.onnx", calib, save_onnx, data_max=options.data_max, fp16_io=options.fp16_io, log=log
+            )
+            if options.fp16_io:
+                reference = None  # fp16 inputs: scored by the pipeline, not here
+        else:
+            record = _int8(src, work, target, calib, held, reference, options, recipe, log)
+        if reference is not None:
+            record["fidelity"] = score(work / "model.onnx", held, reference)
+            psnr = record["fidelity"]["psnr_db"]
+            log(f"{name}: {precision} output PSNR {psnr:.1f} dB against fp32 on {len(held)} held-back inputs")
+            if not math.isfinite(psnr):
+                raise ParityError(f"{name} in {precision} gives non-finite outputs on real inputs; keep it in fp32")
+        record.update(precision=precision, calibration_inputs=len(calib), held_back_inputs=len(held))
+        shutil.rmtree(folder)
+        work.rename(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _int8(src, work, target, calib, held, reference, options, recipe, log) -> dict:
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = int8.quantizable_nodes(model)
+    tensors = int8.activation_inputs(model, nodes)
+    del model
+    activation_type = ACTIVATIONS[target]
+    if recipe:
+        kept = dict(recipe.get("kept", {}))
+        amax = {t: float(recipe["amax"][t]) for t in tensors if t in recipe.get("amax", {})}
+        missing = [t for t in tensors if t not in amax]
+        if missing:
+            raise DiffkilnError(f"the recipe has no range for {missing[0]} (and {len(missing) - 1} more); it was "
+                                "made for another graph: drop --recipe to calibrate")
+        log(f"  int8: ranges and kept nodes from the recipe ({len(kept)} kept)")
+        search = recipe.get("search")
+    else:
+        kept = {n.name: why for n in nodes if (why := int8.kept_reason(n.name, int8.KEEP))}
+        log(f"  int8: measuring {len(tensors)} activation ranges on {len(calib)} calibration inputs")
+        per_sample = stats.amax_per_sample(src, tensors, calib, log)
+        amax = {t: stats.over_steps(v, options.percentile) for t, v in per_sample.items()}
+        search = None
+    candidate = work / "candidate.onnx"
+
+    def psnr_without(extra: list[str]) -> float:
+        int8.quantize(src, candidate, amax, [*kept, *extra], activation_type=activation_type)
+        value = score(candidate, held, reference)["psnr_db"]
+        for f in work.glob("candidate.onnx*"):
+            f.unlink()
+        return value
+
+    if options.min_psnr is not None and not recipe:
+        groups: dict[str, list[str]] = {}
+        for n in nodes:
+            if n.name not in kept:
+                groups.setdefault(sensitivity.group_of(n.name, n.op_type), []).append(n.name)
+        search = sensitivity.search(groups, psnr_without, options.min_psnr, log)
+        for group in search["kept_groups"]:
+            for node in groups[group]:
+                kept[node] = f"sensitivity: group {group} kept in float to reach {options.min_psnr:g} dB"
+    int8.quantize(src, work / "model.onnx", amax, list(kept), activation_type=activation_type, log=log)
+    return {
+        "activation_type": activation_type,
+        "weights": "int8 symmetric per channel",
+        "percentile": options.percentile,
+        "quantized_nodes": len(nodes) - len(kept),
+        "kept": kept,
+        "amax": amax,
+        "search": search,
+    }

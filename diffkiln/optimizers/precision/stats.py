@@ -1,0 +1,101 @@
+"""Per-tensor magnitudes of a graph on real inputs: max |x| of chosen tensors, one figure per input sample.
+
+ONNX Runtime's calibrators collect whole intermediate tensors (gigabytes for an sd15 UNet at 512²) and merge them
+over all samples; we need one amax per tensor *per sample* (per denoising step) to take a percentile over steps,
+so the graph gets a `ReduceMax(Abs(x))` scalar output per tensor and runs once per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from diffkiln.errors import library_errors
+from diffkiln.runtime.runners import OrtOptions, session_from_onnx
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+SUFFIX = "__diffkiln_amax"
+
+
+def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Every tensor's type and shape. ONNX Runtime's symbolic shape inference knows its com.microsoft ops (onnx's
+    own stops at the first MultiHeadAttention and leaves everything after it untyped); it needs the small
+    constant initializers' values, so a graph whose shape constants are external falls back to onnx's."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]  # stale types (a converter's) would contradict inference
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(bare, auto_merge=True, guess_output_rank=True)
+        if inferred is not None:
+            return list(inferred.graph.value_info)
+    except Exception:  # noqa: BLE001 (any failure of the symbolic pass: onnx's inference below still types most)
+        pass
+    for t in bare.graph.initializer:  # the weights are not needed, and a >2 GB proto cannot be inferred
+        if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) > 1 << 16:
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    return list(onnx.shape_inference.infer_shapes(bare, strict_mode=False).graph.value_info)
+
+
+def float_tensors(model: onnx.ModelProto) -> dict[str, int]:
+    """name → element type of every float tensor a node produces."""
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred_value_info(model), *model.graph.output)}
+    produced = {o for n in model.graph.node for o in n.output if o}
+    return {name: t for name, t in types.items() if name in produced and t in FLOAT_TYPES}
+
+
+def amax_per_sample(
+    path: Path,
+    tensors: Iterable[str],
+    feeds: list[dict[str, np.ndarray]],
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, np.ndarray]:
+    """tensor → float64 [len(feeds)] of max |x| for each feed. The augmented graph is written beside `path` (so
+    external weights resolve) and removed afterwards; `path` must lie in a folder we own (the staging dir)."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    names = [t for t in dict.fromkeys(tensors)]
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        amax = name + SUFFIX
+        model.graph.node.extend(
+            [
+                helper.make_node("Abs", [name], [amax + "_abs"]),
+                helper.make_node("ReduceMax", [amax + "_abs"], [amax + "_max"], keepdims=0),
+                helper.make_node("Cast", [amax + "_max"], [amax], to=TensorProto.FLOAT),
+            ]
+        )
+        if amax not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(amax, TensorProto.FLOAT, []))
+    augmented = path.with_name(path.stem + ".amax.onnx")
+    try:
+        onnx.save(model, str(augmented))
+        del model
+        with library_errors(f"ONNX Runtime cannot run {path} for calibration", "re-export the kiln dir"):
+            session = session_from_onnx(augmented, OrtOptions(optimization="basic"))
+            outputs = [n + SUFFIX for n in names]
+            rows = []
+            for i, feed in enumerate(feeds):
+                rows.append(np.array([float(v) for v in session.run(outputs, feed)], dtype=np.float64))
+                if (i + 1) % 10 == 0 or i + 1 == len(feeds):
+                    log(f"  calibration: {i + 1}/{len(feeds)} samples")
+        session = None
+    finally:
+        with contextlib.suppress(OSError):
+            augmented.unlink()
+    table = np.stack(rows, axis=1) if rows else np.zeros((len(names), 0))
+    return dict(zip(names, table, strict=True))
+
+
+def over_steps(per_sample: np.ndarray, percentile: float) -> float:
+    """One amax from per-step figures: the `percentile` over samples (100 = their max). Timestep-aware as
+    NVIDIA's diffusion recipe: a rare step's outlier does not set the scale every other step pays for."""
+    return float(np.percentile(per_sample, percentile)) if per_sample.size else 0.0
