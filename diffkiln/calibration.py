@@ -16,6 +16,7 @@ import numpy as np
 from diffkiln.errors import DiffkilnError
 
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "calibration_prompts.txt"
+CALIBRATION_STEPS = 20  # every step of a 20-step schedule: the timesteps the UNet really sees
 DEMO_CAPTIONS_SEED = 1  # training captions for the demo model: never the held-out ones the acceptance scores
 
 
@@ -87,3 +88,78 @@ def record(
                 recorded["vae_encoder"].append({name: (result.images.transpose(0, 3, 1, 2) * 2 - 1).copy()})
             log(f"  calibration: prompt {i + 1}/{len(prompts)} ({steps} steps) recorded")
     return recorded
+
+
+def optimize_with_calibration(
+    kiln_dir: Path,
+    target: str,
+    precision: str,
+    *,
+    prompts_file: Path | None = None,
+    count: int = 4,
+    components: list[str] | None = None,
+    options=None,
+    recipe_file: Path | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """`diffkiln optimize` with fp16/int8 calibration recorded from the pipeline on `count` prompts (the file's,
+    or the defaults): what the CLI and the bench both run."""
+    import hashlib
+    import json
+
+    from diffkiln.optimizers.optimize import optimize
+
+    kiln_dir = Path(kiln_dir)
+    if count < 1:
+        raise DiffkilnError(f"--calib-prompts {count} must be ≥ 1")
+    recipe = read_recipe(recipe_file) if recipe_file else None
+    calibration = key = None
+    if precision != "fp32":
+        prompts = read_prompts(prompts_file)[:count] if prompts_file else default_prompts(kiln_dir, count)
+        key = {
+            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "prompts": len(prompts),
+            "steps": CALIBRATION_STEPS,
+        }
+
+        def calibration(chosen: list[str]) -> dict:
+            return record(kiln_dir, prompts, chosen, steps=CALIBRATION_STEPS, log=log)
+
+    return optimize(
+        kiln_dir,
+        target,
+        precision,
+        out,
+        force=force,
+        log=log,
+        components=components,
+        calibration=calibration,
+        calibration_key=key,
+        options=options,
+        recipe=recipe,
+    )
+
+
+def read_recipe(path: Path) -> dict:
+    """A precision_report.json given back as --recipe: an object whose components hold finite ranges."""
+    import json
+    import math
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffkilnError(f"cannot read the recipe {path}: {e}; pass a precision_report.json") from None
+    components = data.get("components") if isinstance(data, dict) else None
+    if not isinstance(components, dict) or not all(isinstance(c, dict) for c in components.values()):
+        raise DiffkilnError(f"{path} is not a precision recipe (no components); pass a precision_report.json")
+    for name, record in components.items():
+        amax = record.get("amax", {})
+        kept = record.get("kept", {})
+        if not isinstance(amax, dict) or not isinstance(kept, dict):
+            raise DiffkilnError(f"{path}: components.{name} has a malformed amax/kept map")
+        for tensor, value in amax.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise DiffkilnError(f"{path}: the range of {tensor} is {value!r}, not a finite number ≥ 0")
+    return data

@@ -31,7 +31,9 @@ def make(tools: Worker, path: PathDef, base: dict | None, source_ref: str | None
     one_off = {"export_seconds": base["seconds"], "exported_now": base["done_now"]}
     made = base
     if path.artifact == "optimize":
-        made = tools.call("optimize", kiln_dir=base["kiln_dir"], target="ort-cpu", precision=path.precision)
+        # OpenVINO reads standard ONNX only: the tensorrt target's graphs (no com.microsoft ops)
+        target = "tensorrt" if path.backend == "openvino" else "ort-cpu"
+        made = tools.call("optimize", kiln_dir=base["kiln_dir"], target=target, precision=path.precision)
     elif path.artifact == "ortx":
         made = tools.call("optimize_ortx", kiln_dir=base["kiln_dir"])
     if made is not base:

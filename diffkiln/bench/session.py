@@ -266,5 +266,5 @@ def _worker_for(run: PathRun, subject: Subject, config: BenchConfig) -> Worker:
         return Worker(
             run.name, "torch", source_ref=subject.source_ref, precision=d.precision, scheduler=config.scheduler
         )
-    hint = {"fp32": "f32", "bf16": "bf16"}.get(d.precision) if d.backend == "openvino" else None
+    hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}.get(d.precision) if d.backend == "openvino" else None
     return Worker(run.name, "kiln", kiln_dir=str(run.kiln_dir), runtime=d.backend, precision_hint=hint)

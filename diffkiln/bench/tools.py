@@ -72,11 +72,12 @@ class ToolsBackend:
 
     def op_optimize(self, kiln_dir: str, target: str, precision: str) -> dict:
         """`diffkiln optimize` into its default folder (a no-op when that is up to date); `seconds` as for export."""
-        from diffkiln.optimizers.optimize import REPORT, default_out, optimize
+        from diffkiln.calibration import optimize_with_calibration
+        from diffkiln.optimizers.optimize import REPORT, default_out
 
         out = default_out(Path(kiln_dir), target, precision)
         started, start = time.time(), time.perf_counter()
-        report = optimize(Path(kiln_dir), target, precision, log=lambda _msg: None)
+        report = optimize_with_calibration(Path(kiln_dir), target, precision, log=lambda _msg: None)
         seconds = time.perf_counter() - start
         done_now = (out / REPORT).stat().st_mtime >= started
         if not done_now:

@@ -65,9 +65,7 @@ def outputs_on(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
 
 def score(path: Path, feeds: list[dict], reference: list[list[np.ndarray]]) -> dict:
     got = outputs_on(path, feeds)
-    worst = min(
-        sensitivity.psnr_db([g[i] for g in got], [r[i] for r in reference]) for i in range(len(reference[0]))
-    )
+    worst = min(sensitivity.psnr_db([g[i] for g in got], [r[i] for r in reference]) for i in range(len(reference[0])))
     rel = max(
         float(np.max(np.abs(g[i].astype(np.float64) - r[i])) / max(float(np.max(np.abs(r[i]))), 1e-12))
         for g, r in zip(got, reference, strict=True)
@@ -125,8 +123,10 @@ def _int8(src, work, target, calib, held, reference, options, recipe, log) -> di
         amax = {t: float(recipe["amax"][t]) for t in tensors if t in recipe.get("amax", {})}
         missing = [t for t in tensors if t not in amax]
         if missing:
-            raise DiffkilnError(f"the recipe has no range for {missing[0]} (and {len(missing) - 1} more); it was "
-                                "made for another graph: drop --recipe to calibrate")
+            raise DiffkilnError(
+                f"the recipe has no range for {missing[0]} (and {len(missing) - 1} more); it was "
+                "made for another graph: drop --recipe to calibrate"
+            )
         log(f"  int8: ranges and kept nodes from the recipe ({len(kept)} kept)")
         search = recipe.get("search")
     else:

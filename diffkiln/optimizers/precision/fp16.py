@@ -3,7 +3,7 @@
 Pattern: every float tensor and weight becomes fp16, except the *islands*, which stay fp32 with explicit Casts at
 their borders (a strongly typed graph: TensorRT builds it as written, ORT and OpenVINO run it on CPU):
 - nodes whose output magnitude on real calibration inputs leaves fp16's safe range (|x| > `data_max`, a margin
-  below fp16's 65504 for inputs calibration did not see);
+  below fp16's 65504 for inputs calibration did not see), and the nodes that read such a tensor;
 - normalization and its statistics (Instance/Group/LayerNormalization, ReduceMean, Pow, Sqrt): in a strongly typed
   network they compute in their input's type, and a variance over thousands of values overflows fp16;
 - anything the fp16 graph itself shows non-finite on the calibration inputs (found by running it: the first
@@ -57,14 +57,23 @@ def producers(model: onnx.ModelProto) -> dict[str, str]:
 def islands_from_ranges(model: onnx.ModelProto, amax: dict[str, float], data_max: float) -> dict[str, str]:
     """node → why it stays fp32: its outputs' calibrated magnitude, or its kind."""
     made_by = producers(model)
+    data_max = min(data_max, FP16_MAX)  # past fp16's largest value is an overflow, whatever the caller asked
     kept = {}
     for node in model.graph.node:
         if node.op_type in NORMALIZATION:
             kept[node.name] = f"{node.op_type}: normalization statistics"
+    users: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.name)
     for tensor, value in amax.items():
         node = made_by.get(tensor)
-        if node and value > data_max and node not in kept:
-            kept[node] = f"output |x| up to {value:.4g} > {data_max:g} on calibration inputs"
+        if node is None or not value > data_max:
+            continue
+        # its producer and every consumer: a Cast to fp16 at either end of the tensor would overflow as well
+        kept.setdefault(node, f"output |x| up to {value:.4g} > {data_max:g} on calibration inputs")
+        for user in users.get(tensor, []):
+            kept.setdefault(user, f"input |x| up to {value:.4g} > {data_max:g} on calibration inputs")
     return kept
 
 
@@ -76,15 +85,52 @@ def convert(src_model: onnx.ModelProto, islands: list[str], fp16_io: bool) -> on
     model.CopyFrom(src_model)
     _unshare_initializers(model, set(islands))
     del model.graph.value_info[:]
-    model.graph.value_info.extend(stats.inferred_value_info(src_model))  # the converter's own inference fails > 2 GB
+    model.graph.value_info.extend(stats.inferred_value_info(src_model))  # the converter's own fails past 2 GB
     with library_errors("cannot convert the graph to fp16", "keep it in --precision fp32"):
-        return convert_float_to_float16(
+        converted = convert_float_to_float16(
             model,
             keep_io_types=not fp16_io,
             disable_shape_infer=True,
             op_block_list=DEFAULT_OP_BLOCK_LIST,
             node_block_list=islands,
         )
+    _drop_round_trips(converted)
+    return converted
+
+
+def _drop_round_trips(model: onnx.ModelProto) -> int:
+    """Remove Cast(fp32→fp16) → Cast(fp16→fp32) pairs: the converter puts them between two fp32 islands, where
+    they would overflow exactly the values the islands exist for. Dropping one only adds precision."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    rename: dict[str, str] = {}
+    dead = set()
+    for node in model.graph.node:
+        first = made_by.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if (
+            first is not None
+            and first.op_type == "Cast"
+            and _cast_to(node) == onnx.TensorProto.FLOAT
+            and _cast_to(first) == onnx.TensorProto.FLOAT16
+            and node.output[0] not in outputs
+        ):
+            rename[node.output[0]] = first.input[0]
+            dead.add(id(node))
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in model.graph.node if id(n) not in dead for i in n.input} | outputs
+    keep = [n for n in model.graph.node if id(n) not in dead]
+    keep = [n for n in keep if n.op_type != "Cast" or any(o in used for o in n.output)]
+    removed = len(model.graph.node) - len(keep)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return removed
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
 
 
 def _unshare_initializers(model: onnx.ModelProto, islands: set[str]) -> None:

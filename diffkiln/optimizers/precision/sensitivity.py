@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 
 
-
 def group_of(node_name: str, op_type: str) -> str:
     """`/model/down_blocks.1/attentions.0/…/attn1/to_q/MatMul` → `down_blocks.1/attention`."""
     parts = [p for p in node_name.split("/") if p and p != "model"]

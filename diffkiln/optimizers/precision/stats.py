@@ -35,7 +35,7 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
         inferred = SymbolicShapeInference.infer_shapes(bare, auto_merge=True, guess_output_rank=True)
         if inferred is not None:
             return list(inferred.graph.value_info)
-    except Exception:  # noqa: BLE001 (any failure of the symbolic pass: onnx's inference below still types most)
+    except Exception:
         pass
     for t in bare.graph.initializer:  # the weights are not needed, and a >2 GB proto cannot be inferred
         if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) > 1 << 16:
