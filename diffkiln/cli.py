@@ -55,14 +55,22 @@ def _terminate(signum, frame):
     help="Kiln directory to write (default: the user cache, where `run -m SOURCE` looks).",
 )
 @click.option(
+    "--arch",
+    type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl"]),
+    help="Architecture of a single-file checkpoint (default: from its keys; SD 2.x needs sd21 = 512 px noise "
+    "prediction or sd21-v = 768 px v-prediction).",
+)
+@click.option(
     "--components",
     help="Comma-separated subset: text_encoder,text_encoder_2,unet,vae_decoder,vae_encoder (default: all).",
 )
 @click.option("--opset", type=int, help="ONNX opset (14..20; default 17).")
 @click.option("--force", is_flag=True, help="Replace an existing kiln directory / re-export even if up to date.")
 @user_errors
-def export(source, out, components, opset, force):
-    """Export SOURCE (a local diffusers folder, the bundled demo model or a preset) to ONNX with proven parity.
+def export(source, out, arch, components, opset, force):
+    """Export SOURCE to ONNX with proven parity. SOURCE is a local diffusers folder, a single-file checkpoint
+    (an A1111/ComfyUI *.safetensors with UNet, VAE and text encoders; pickles such as .ckpt are refused), the
+    bundled demo model or a preset.
 
     Bundled: demo (trained, the default of `run`). Presets: tiny, tiny-sdxl, sd15, sd21, sdxl (real
     architectures, seeded random weights).
@@ -72,15 +80,15 @@ def export(source, out, components, opset, force):
 
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if out is None:
-        if components or opset is not None:
-            raise click.UsageError("--components/--opset need -o OUT: the cache holds complete default exports")
+        if components or opset is not None or arch:
+            raise click.UsageError("--components/--opset/--arch need -o OUT: the cache holds default exports")
         from diffkiln.models import export_to_cache
 
         click.echo(f"wrote {export_to_cache(source, force=force, log=log)}")
         return
     names = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
     options = ExportOptions(components=names, force=force, **({} if opset is None else {"opset": opset}))
-    run_export(open_source(source), out, options, log=log)
+    run_export(open_source(source, arch), out, options, log=log)
     click.echo(f"wrote {out}")
 
 
@@ -167,24 +175,84 @@ def lora(kiln_dir, out, refit_payload, force, loras, embeddings, allow_partial):
 @main.command()
 @click.argument("kiln_dir", type=click.Path(path_type=Path))
 @click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), required=True, help="What will run the graphs.")
-@click.option("--precision", default="fp32", show_default=True, help="fp32 (fp16/int8 arrive later).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="Written into the graphs: fp16 with fp32 islands, or int8 Q/DQ (the UNet), calibrated on the pipeline.",
+)
+@click.option(
+    "--calibration",
+    "calibration_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Calibration prompts, one per line (default: diffkiln's shipped file; the demo model's training captions).",
+)
+@click.option("--calib-prompts", type=click.IntRange(1, 256), default=4, show_default=True, help="Prompts to record.")
+@click.option(
+    "--recipe",
+    "recipe_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="An earlier precision_report.json: its ranges and kept layers, instead of measuring them again.",
+)
+@click.option(
+    "--min-psnr",
+    type=float,
+    help="int8: keep the most sensitive layer groups in float until the UNet "
+    "output's PSNR against fp32 (held-back calibration inputs) reaches this many dB.",
+)
+@click.option(
+    "--percentile",
+    type=click.FloatRange(50, 100),
+    default=99.0,
+    show_default=True,
+    help="int8: an activation's range is this percentile over denoising steps of each step's max |x|.",
+)
+@click.option(
+    "--smooth",
+    type=click.FloatRange(0, 1),
+    help="int8: SmoothQuant with this alpha on the linear layers (moves activation outliers into the weights).",
+)
+@click.option("--fp16-io", is_flag=True, help="fp16: fp16 graph inputs/outputs (default: fp32, casts inside).")
+@click.option(
+    "--components", "components_csv", help="Components to convert, comma-separated (default: fp16 all, int8 unet)."
+)
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Default: KILN_DIR/optimized/<target>-<precision>.")
 @click.option("--force", is_flag=True, help="Replace an existing output / re-optimize even if up to date.")
 @lora_options
 @user_errors
-def optimize(kiln_dir, target, precision, out, force, loras, embeddings, allow_partial):
+def optimize(
+    kiln_dir, target, precision, calibration_file, calib_prompts, recipe_file, min_psnr, percentile, smooth,
+    fp16_io, components_csv, out, force, loras, embeddings, allow_partial,
+):  # fmt: skip
     """Rewrite every graph of KILN_DIR for a target (fusions counted, parity checked) and report what changed.
 
+    --precision fp16|int8 records calibration inputs by running the fp32 kiln on prompts (20 steps each), converts,
+    scores against fp32 and writes precision_report.json (also a --recipe for later builds).
     With --lora/--embedding, the optimized graphs (cached in KILN_DIR/optimized/) get them folded in, into OUT."""
+    from diffkiln.calibration import optimize_with_calibration
     from diffkiln.optimizers.optimize import default_out
-    from diffkiln.optimizers.optimize import optimize as run_optimize
+    from diffkiln.optimizers.precision.apply import PrecisionOptions
 
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     folding = bool(loras or embeddings)
     if folding and out is None:
         raise click.UsageError("--lora/--embedding need -o OUT (the optimized graphs stay cached without them)")
     optimized = default_out(kiln_dir, target, precision) if folding else out
-    report = run_optimize(kiln_dir, target, precision, optimized, force and not folding, log=log)
+    components = [c.strip() for c in components_csv.split(",") if c.strip()] if components_csv else None
+    report = optimize_with_calibration(
+        kiln_dir,
+        target,
+        precision,
+        prompts_file=calibration_file,
+        count=calib_prompts,
+        components=components,
+        options=PrecisionOptions(percentile=percentile, min_psnr=min_psnr, fp16_io=fp16_io, smooth=smooth),
+        recipe_file=recipe_file,
+        out=optimized,
+        force=force and not folding,
+        log=log,
+    )
     if folding:
         from diffkiln.lora import fold_loras
 
@@ -200,7 +268,25 @@ def optimize(kiln_dir, target, precision, out, force, loras, embeddings, allow_p
             f"{name:16s} {nodes:>15s}  {counts.get('attention', 0):9d} {counts.get('gelu', 0):5d} "
             f"{counts.get('groupnorm', 0):9d} {counts.get('layernorm', 0):9d}  {c['parity']['worst_rel_err']:.1e}"
         )
+    _echo_precision(out)
     click.echo(f"wrote {out}")
+
+
+def _echo_precision(out: Path) -> None:
+    """One line per converted component: precision, what stayed in higher precision, PSNR against fp32."""
+    import json
+
+    from diffkiln.optimizers.optimize import PRECISION_REPORT
+
+    try:
+        report = json.loads((out / PRECISION_REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for name, c in report.get("components", {}).items():
+        kept = len(c.get("kept", c.get("islands", {})))
+        psnr = c.get("fidelity", {}).get("psnr_db")
+        score = f"{psnr:.1f} dB vs fp32" if isinstance(psnr, float) else "not scored"
+        click.echo(f"{name:16s} {c.get('precision')}: {kept} node(s) kept in higher precision, {score}")
 
 
 @main.command()

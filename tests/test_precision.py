@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from diffkiln.calibration import optimize_with_calibration, read_recipe
 from diffkiln.errors import DiffkilnError
 from diffkiln.optimizers.optimize import PRECISION_REPORT
-from diffkiln.optimizers.precision import fp16, int8, sensitivity
+from diffkiln.optimizers.precision import fp16, int8, sensitivity, smooth
 from diffkiln.optimizers.precision.apply import PrecisionOptions
 
 CAPTIONS = 64  # all held-out captions (a 16-caption subset is too coarse for 3 points: one flip is 6.25)
@@ -232,3 +232,50 @@ def test_bad_precision_inputs_are_one_line_errors(demo_kiln, tmp_path):
     with pytest.raises(DiffkilnError, match="fp32 converts nothing"):
         optimize_with_calibration(demo_kiln, "ort-cpu", "fp32", components=["unet"], out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_optimize_int8_and_a_bad_recipe(demo_kiln, tmp_path):
+    from click.testing import CliRunner
+
+    from diffkiln.cli import main
+
+    out = tmp_path / "int8"
+    args = ["optimize", str(demo_kiln), "--target", "tensorrt", "--precision", "int8", "--calib-prompts", "2"]
+    result = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "unet             int8: 29 node(s) kept in higher precision" in result.output
+    (tmp_path / "bad.json").write_text("{not json")
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x"), "--recipe", str(tmp_path / "bad.json")])
+    assert result.exit_code == 1 and "cannot read the recipe" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_smoothquant_is_exact_in_fp32_and_only_touches_linear_inputs(demo_kiln, tmp_path):
+    import onnxruntime as ort
+
+    from diffkiln import kiln
+    from diffkiln.specs import PipelineInfo, component_specs, dims
+
+    src = demo_kiln / "unet" / "model.onnx"
+    model = onnx.load(str(src))
+    nodes = [n for n in int8.quantizable_nodes(model) if not int8.kept_reason(n.name, int8.KEEP)]
+    plan = smooth.groups(model, nodes)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert plan and all(ops[c] == "MatMul" for consumers, _k in plan.values() for c in consumers)
+    # self-attention's q/k/v share one input, and so one smoothing
+    assert any(len(consumers) == 3 for consumers, _k in plan.values())
+    info = PipelineInfo.from_json(kiln.read_manifest(demo_kiln)["pipeline"])
+    feeds = component_specs(info)["unet"].sample_inputs(dims(2, 8, 8), info, seed=1)
+    rng = np.random.default_rng(0)
+    amax = {x: rng.uniform(0.1, 20, (3, k)) for x, (_c, k) in plan.items()}
+    done = smooth.smooth(src, tmp_path / "s.onnx", plan, amax, 0.5, lambda m, p: onnx.save(m, str(p)))
+    assert len(done) == len(plan)
+    ref = ort.InferenceSession(str(src)).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, feeds)[0]
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4  # smoothing alone changes nothing
+    muls = [n for n in onnx.load(str(tmp_path / "s.onnx")).graph.node if n.name.endswith("__smooth_mul")]
+    assert len(muls) == len(plan)
+    # the cases that must not fire: attention's activation × activation MatMuls, Convs and kept layers
+    smoothed = {c for consumers, _k in plan.values() for c in consumers}
+    assert not any(c.endswith(("attn1/MatMul", "attn1/MatMul_1")) for c in smoothed)
+    assert smoothed <= {n.name for n in nodes if n.op_type == "MatMul"}

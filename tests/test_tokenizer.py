@@ -14,7 +14,9 @@ import pytest
 
 from diffkiln.runtime.tokenizer import ClipTokenizer, TokenizerFilesError
 
-SHIPPED = Path(__file__).resolve().parents[1] / "diffkiln" / "exporter" / "assets" / "clip_tokenizer"
+ASSETS = Path(__file__).resolve().parents[1] / "diffkiln" / "exporter" / "assets"
+SHIPPED = ASSETS / "clip_tokenizer"  # the tiny presets' 1,000-token BPE
+REAL = ASSETS / "clip_vocab"  # OpenAI's CLIP BPE (tools/make_clip_vocab.py), for sd15, sd21 and sdxl
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 PROMPTS = [
@@ -95,14 +97,14 @@ def _with_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.fixture(params=["shipped", "shipped-pad-bang", "hand", "hand-pad-bang"])
+@pytest.fixture(params=["shipped", "shipped-pad-bang", "real", "real-pad-bang", "hand", "hand-pad-bang"])
 def folder(request, tmp_path):
-    """The shipped vocab and a hand-built one, each with pad = eos and with SDXL tokenizer_2's pad "!" (id 0)."""
+    """The shipped vocabs and a hand-built one, each with pad = eos and with SDXL tokenizer_2's pad "!" (id 0)."""
     name = request.param
-    if name == "shipped":
-        return SHIPPED
-    if name == "shipped-pad-bang":
-        return _with_config(SHIPPED, tmp_path / name, pad_token="!")
+    if name in ("shipped", "real"):
+        return {"shipped": SHIPPED, "real": REAL}[name]
+    if name.endswith("pad-bang") and not name.startswith("hand"):
+        return _with_config(SHIPPED if name.startswith("shipped") else REAL, tmp_path / name, pad_token="!")
     return _hand_folder(tmp_path / name, **({"pad_token": "!"} if name.endswith("pad-bang") else {}))
 
 
@@ -165,6 +167,42 @@ def test_config_variants_match_transformers(variant, tmp_path):
             (dst / name).unlink(missing_ok=True)
         assert (dst / "tokenizer.json").is_file()
     np.testing.assert_array_equal(ClipTokenizer.from_dir(dst).encode(PROMPTS), _reference_ids(dst, PROMPTS))
+
+
+@pytest.mark.parametrize("source", [SHIPPED, REAL], ids=["shipped", "real"])
+@pytest.mark.parametrize("pad_token", [EOS, "!"])
+def test_both_folder_forms_give_the_same_ids(source, pad_token, tmp_path):
+    """The vocab.json + merges.txt form (SD hub folders, transformers 4) and what transformers 5's save_pretrained
+    writes (tokenizer.json + tokenizer_config.json) give the same ids, in transformers and in the runtime."""
+    transformers = pytest.importorskip("transformers")
+    files = _with_config(source, tmp_path / "files", pad_token=pad_token)
+    saved = tmp_path / "saved"
+    transformers.CLIPTokenizer.from_pretrained(str(files)).save_pretrained(str(saved))
+    assert sorted(p.name for p in saved.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    ids = ClipTokenizer.from_dir(files).encode(PROMPTS)
+    np.testing.assert_array_equal(ClipTokenizer.from_dir(saved).encode(PROMPTS), ids)
+    np.testing.assert_array_equal(_reference_ids(saved, PROMPTS), ids)
+    np.testing.assert_array_equal(_reference_ids(files, PROMPTS), ids)
+    assert ClipTokenizer.from_dir(saved).pad_id == (0 if pad_token == "!" else ClipTokenizer.from_dir(files).eos_id)
+
+
+def test_real_vocabulary_is_clips():
+    """CLIP's layout (the 256 byte symbols in bytes_to_unicode order, the same with </w>, one symbol per merge in
+    merge order, bos, eos: 49,408 ids), and CLIP's well-known ids."""
+    pytest.importorskip("transformers")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = json.loads((REAL / "vocab.json").read_text(encoding="utf-8"))
+    merges = (REAL / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0] == "#version: 0.2" and len(merges) == 1 + 48894
+    symbols = list(bytes_to_unicode().values())
+    pieces = [*symbols, *(c + "</w>" for c in symbols), *(m.replace(" ", "") for m in merges[1:]), BOS, EOS]
+    assert list(vocab) == pieces and list(vocab.values()) == list(range(49408))
+    tok = ClipTokenizer.from_dir(REAL)
+    assert tok.tokenize("a photo of a cat")[0] == [320, 1125, 539, 320, 2368]
+    assert tok.tokenize("an astronaut riding a horse")[0] == [550, 18376, 6765, 320, 4558]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (49406, 49407, 49407)
+    assert (REAL / "LICENSE").read_text().count("MIT License") == 1
 
 
 def test_vocab_files_preferred_over_tokenizer_json(tmp_path):

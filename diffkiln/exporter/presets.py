@@ -1,8 +1,10 @@
 """Built-in presets: real (or deliberately tiny) architectures from configs, with seeded random weights.
 
 Nothing is downloaded: the weights are random but the shapes, op counts, speed and memory are those of the real
-models. Each preset also carries a CLIP-format tokenizer (diffkiln's own small BPE, see tools/make_tokenizer.py)
-and a scheduler config, so a runtime can treat it exactly like a diffusers folder.
+models. Each preset also carries a CLIP tokenizer and a scheduler config, so a runtime can treat it exactly like a
+diffusers folder: sd15, sd21 and sdxl ship OpenAI's real CLIP vocabulary (tools/make_clip_vocab.py), so they are the
+real models in everything but weights; the tiny presets keep diffkiln's own 1,000-token BPE (tools/make_tokenizer.py),
+which fits their 1,000-row token embeddings (the real vocabulary would make those 49x larger).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"  # the tiny presets' small BPE
+CLIP_VOCAB_DIR = Path(__file__).parent / "assets" / "clip_vocab"  # OpenAI's CLIP BPE, 49,408 tokens
 SEED = 20261122
 
 
-def tokenizer_eos_id() -> int:
-    vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
+def tokenizer_eos_id(folder: Path = TOKENIZER_DIR) -> int:
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     return vocab["<|endoftext|>"]
 
 
@@ -30,6 +33,8 @@ class Preset:
     scheduler: dict
     description: str = ""
     extra: dict = field(default_factory=dict)
+    tokenizer: Path = TOKENIZER_DIR  # the folder every tokenizer[_2]/ is copied from
+    pads: tuple[str | None, ...] = ()  # per tokenizer, a pad token other than eos (SD 2.x, SDXL's tokenizer_2: "!")
 
 
 def _clip(hidden, layers, heads, intermediate, act="quick_gelu", projection=None, vocab=49408) -> dict:
@@ -143,6 +148,7 @@ PRESETS: dict[str, Preset] = {
             text_encoders=(_clip(768, 12, 12, 3072),),
             scheduler=_scheduler("DDIMScheduler"),
             description="Stable Diffusion 1.5 architecture (CLIP-L, 860M UNet), random weights",
+            tokenizer=CLIP_VOCAB_DIR,
         ),
         Preset(
             "sd21",
@@ -159,6 +165,8 @@ PRESETS: dict[str, Preset] = {
             text_encoders=(_clip(1024, 23, 16, 4096, act="gelu", projection=512),),
             scheduler=_scheduler("DDIMScheduler", prediction="v_prediction"),
             description="Stable Diffusion 2.1-v architecture (OpenCLIP-H text tower, v-prediction), random weights",
+            tokenizer=CLIP_VOCAB_DIR,
+            pads=("!",),
         ),
         Preset(
             "sdxl",
@@ -181,6 +189,8 @@ PRESETS: dict[str, Preset] = {
             text_encoders=(_clip(768, 12, 12, 3072), _clip(1280, 32, 20, 5120, act="gelu")),
             scheduler=_scheduler("EulerDiscreteScheduler"),
             description="Stable Diffusion XL base architecture (CLIP-L + OpenCLIP-bigG, 2.6B UNet), random weights",
+            tokenizer=CLIP_VOCAB_DIR,
+            pads=(None, "!"),
         ),
     ]
 }

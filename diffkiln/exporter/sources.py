@@ -1,4 +1,4 @@
-"""Model sources, all offline: a local diffusers folder or a built-in preset.
+"""Model sources, all offline: a local diffusers folder, a single-file checkpoint or a built-in preset.
 
 A source answers four questions the exporter asks: what pipeline is this (`info`), give me module X (`load`),
 where are its tokenizers, and what is its scheduler config. Modules are built one at a time so a big pipeline
@@ -15,11 +15,13 @@ from pathlib import Path
 
 from diffkiln import __version__
 from diffkiln.errors import SourceError
-from diffkiln.exporter.presets import PRESETS, SEED, TOKENIZER_DIR, Preset, tokenizer_eos_id
+from diffkiln.exporter.presets import PRESETS, SEED, Preset, tokenizer_eos_id
 from diffkiln.specs import PipelineInfo
 
 BUNDLED = {"demo": Path(__file__).resolve().parents[1] / "assets" / "demo"}  # folders shipped in the package
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CLIP_BPE_FILES = ("vocab.json", "merges.txt")
+PICKLES = (".ckpt", ".pt", ".pth", ".bin")  # torch pickles: loading one can run any code, so none is ever opened
 # module (diffusers/transformers object) -> the exported components it yields
 MODULE_OF = {
     "text_encoder": "text_encoder",
@@ -30,32 +32,50 @@ MODULE_OF = {
 }
 
 
-def open_source(ref: str) -> Source:
-    """A preset name, a bundled model ("demo") or a local diffusers folder; anything else gets a one-line error
-    saying what to pass."""
+def open_source(ref: str, arch: str | None = None) -> Source:
+    """A preset name, a bundled model ("demo"), a local diffusers folder or a single-file checkpoint
+    (`*.safetensors`, `arch` one of single_file.ARCHS or detected from its keys); anything else gets a one-line
+    error saying what to pass."""
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from diffkiln.exporter.single_file import SingleFileSource
+
+        return SingleFileSource(path, arch)
+    if arch is not None:
+        raise SourceError(f"--arch is for single-file checkpoints (*.safetensors); {ref} is not one, drop --arch")
     if ref in PRESETS:
         return PresetSource(PRESETS[ref])
     if ref in BUNDLED:
         return FolderSource(BUNDLED[ref])
-    path = Path(ref).expanduser()
     if path.is_dir():
         return FolderSource(path)
     presets = ", ".join([*BUNDLED, *PRESETS])
+    if path.suffix.lower() in PICKLES and path.exists():
+        raise SourceError(
+            f"{ref} is a pickle checkpoint, which can run code when loaded, so diffkiln never opens one; "
+            "convert it to .safetensors with a tool you trust and pass that"
+        )
     if path.exists():
-        raise SourceError(f"{ref} is a file; SOURCE must be a diffusers model folder or a preset ({presets})")
+        raise SourceError(
+            f"{ref} is not a .safetensors checkpoint; SOURCE must be a diffusers model folder, a single-file "
+            f"*.safetensors checkpoint or a preset ({presets})"
+        )
     if HUB_ID.match(ref):
         raise SourceError(
             f"'{ref}' looks like a Hugging Face hub id, but diffkiln works offline on local folders: "
             f"download the model folder yourself and pass its path, or use a preset ({presets})"
         )
-    raise SourceError(f"no such folder: {ref}; SOURCE must be a local diffusers folder or a preset ({presets})")
+    raise SourceError(
+        f"no such folder or file: {ref}; SOURCE must be a local diffusers folder, a *.safetensors checkpoint "
+        f"or a preset ({presets})"
+    )
 
 
 class Source:
     ref: str
-    kind: str  # preset | folder
+    kind: str  # preset | folder | single-file
     info: PipelineInfo
-    path: Path | None = None  # the folder a folder source reads: no stage may write into or around it
+    path: Path | None = None  # the folder or file a source reads: no stage may write into or around it
 
     @property
     def components(self) -> list[str]:
@@ -84,8 +104,9 @@ class PresetSource(Source):
     def __init__(self, preset: Preset):
         self.preset = preset
         self.ref = preset.name
+        self.eos = tokenizer_eos_id(preset.tokenizer)
         texts = list(preset.text_encoders)
-        self.info = _info(preset.kind, preset.unet, preset.vae, texts, preset.scheduler, tokenizer_eos_id())
+        self.info = _info(preset.kind, preset.unet, preset.vae, texts, preset.scheduler, self.eos)
 
     def load(self, module: str):
         import torch
@@ -101,14 +122,23 @@ class PresetSource(Source):
         elif module == "vae":
             model = AutoencoderKL(**p.vae)
         else:
-            config = CLIPTextConfig(**_with_tokens(p.text_encoders[offset]))
+            config = CLIPTextConfig(**self.text_config(offset))
             model = CLIPTextModelWithProjection(config) if offset == 1 else CLIPTextModel(config)
         return model.float().eval()
 
+    def text_config(self, index: int) -> dict:
+        """CLIPTextConfig kwargs of text encoder `index`, with the token ids of the preset's tokenizer."""
+        eos = self.eos
+        return {**self.preset.text_encoders[index], "eos_token_id": eos, "bos_token_id": eos - 1, "pad_token_id": eos}
+
     def copy_tokenizers(self, out: Path) -> list[str]:
-        names = ["tokenizer", "tokenizer_2"][: len(self.preset.text_encoders)]
-        for name in names:
-            shutil.copytree(TOKENIZER_DIR, out / name)
+        p = self.preset
+        names = ["tokenizer", "tokenizer_2"][: len(p.text_encoders)]
+        for name, pad in zip(names, p.pads or [None] * len(names), strict=True):
+            shutil.copytree(p.tokenizer, out / name)
+            for file in ("tokenizer_config.json", "special_tokens_map.json") if pad else ():
+                config = json.loads((out / name / file).read_text(encoding="utf-8"))
+                (out / name / file).write_text(json.dumps({**config, "pad_token": pad}, indent=2) + "\n")
         return names
 
     def scheduler_config(self) -> dict:
@@ -118,13 +148,9 @@ class PresetSource(Source):
         import torch
 
         p = self.preset
-        blob = json.dumps([p.name, p.unet, p.vae, p.text_encoders, SEED, torch.__version__.split("+")[0]])
+        tokens = [p.tokenizer.name, p.pads, self.eos]
+        blob = json.dumps([p.name, p.unet, p.vae, p.text_encoders, tokens, SEED, torch.__version__.split("+")[0]])
         return "preset:" + hashlib.sha256((blob + __version__).encode()).hexdigest()[:32]
-
-
-def _with_tokens(text_config: dict) -> dict:
-    eos = tokenizer_eos_id()
-    return {**text_config, "eos_token_id": eos, "bos_token_id": eos - 1, "pad_token_id": eos}
 
 
 class FolderSource(Source):
@@ -158,7 +184,9 @@ class FolderSource(Source):
         for tokenizer in ("tokenizer", "tokenizer_2"):  # bad JSON here would only surface at `run` time
             for f in sorted((self.path / tokenizer).glob("*.json")):
                 _read_json(f)
-        eos = _read_json(self.path / "tokenizer" / "vocab.json").get("<|endoftext|>", 49407)
+        eos = _eos_id(self.path / "tokenizer")
+        if sdxl:
+            _eos_id(self.path / "tokenizer_2")  # read now: a bad one would only surface at `run` time
         self.info = _info(kind, configs["unet"], configs["vae"], texts, scheduler, eos)
 
     def load(self, module: str):
@@ -174,10 +202,16 @@ class FolderSource(Source):
             else:
                 cls = self.index.get(module, [None, "CLIPTextModel"])[1]
                 loader = CLIPTextModelWithProjection if cls == "CLIPTextModelWithProjection" else CLIPTextModel
-                model = loader.from_pretrained(folder, local_files_only=True)
+                model, report = loader.from_pretrained(folder, local_files_only=True, output_loading_info=True)
         except Exception as e:  # diffusers/transformers raise many kinds; the user needs one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SourceError(f"cannot load {module} from {folder}: {first}") from e
+        if module.startswith("text_encoder") and report["missing_keys"]:  # transformers only warns, then random
+            missing = sorted(report["missing_keys"])
+            raise SourceError(
+                f"{folder} lacks {len(missing)} weights of its text encoder (e.g. {missing[0]}); its weights file "
+                "is incomplete or in a layout this transformers version cannot read: re-save it"
+            )
         return model.float().eval()
 
     def copy_tokenizers(self, out: Path) -> list[str]:
@@ -196,11 +230,32 @@ class FolderSource(Source):
         files = sorted((f.relative_to(self.path).as_posix(), f) for f in self.path.rglob("*") if f.is_file())
         for rel, f in files:  # every field length-framed: no two different folders hash the same stream
             name = rel.encode("utf-8", "surrogateescape")
-            h.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
+            h.update(len(name).to_bytes(8, "little") + name)
+            hash_file(h, f)
         return "folder:" + h.hexdigest()
+
+
+def hash_file(h, path: Path) -> None:
+    """Feed `path`'s size and bytes to the hash `h`, streamed."""
+    h.update(path.stat().st_size.to_bytes(8, "little"))
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+
+
+def _eos_id(folder: Path) -> int:
+    """The eos id of a CLIP tokenizer folder in either form transformers writes (vocab.json + merges.txt, or
+    tokenizer.json alone), read by the runtime's own tokenizer so export and `run` agree."""
+    from diffkiln.runtime.tokenizer import ClipTokenizer, TokenizerFilesError
+
+    if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in CLIP_BPE_FILES):
+        raise SourceError(
+            f"{folder} has no tokenizer.json (nor vocab.json + merges.txt); the model folder is incomplete"
+        )
+    try:
+        return ClipTokenizer.from_dir(folder).eos_id
+    except TokenizerFilesError as e:
+        raise SourceError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -269,9 +324,30 @@ def save_as_folder(source: PresetSource, path: Path) -> Path:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     path.mkdir(parents=True, exist_ok=True)
     for module in {MODULE_OF[c] for c in source.components}:
-        source.load(module).save_pretrained(path / module)
+        model = source.load(module)
+        if module.startswith("text_encoder"):
+            save_text_encoder(model, path / module)
+        else:
+            model.save_pretrained(path / module)
     source.copy_tokenizers(path)
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(source.scheduler_config(), indent=2))
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+def save_text_encoder(model, folder: Path) -> None:
+    """Save a transformers CLIP text model with the keys real SD folders have (`text_model.…`).
+
+    transformers 5 saves CLIPTextModel without that prefix, and transformers 4 then loads such a file as random
+    weights with only a warning; transformers 4 and 5 both load this layout.
+    """
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), {"format": "pt"})

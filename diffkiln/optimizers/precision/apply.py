@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from diffkiln.errors import DiffkilnError, ParityError
-from diffkiln.optimizers.precision import fp16, int8, sensitivity, stats
+from diffkiln.optimizers.precision import fp16, int8, sensitivity, smooth, stats
 from diffkiln.runtime.runners import OrtOptions, session_from_onnx
 
 HOLD_OUT = 5  # every 5th recorded input scores, the rest calibrate
@@ -33,9 +33,25 @@ class PrecisionOptions:
     min_psnr: float | None = None  # int8: keep the most sensitive groups in float until the UNet output meets it
     fp16_io: bool = False
     data_max: float = fp16.DATA_MAX
+    activations: str | None = None  # int8 activation type: None = the target's (ACTIVATIONS), "int8" or "uint8"
+    smooth: float | None = None  # int8: SmoothQuant's alpha for the linear layers (None: off)
+
+    def __post_init__(self):
+        if self.activations not in (None, "int8", "uint8"):
+            raise DiffkilnError(f"int8 activations are int8 or uint8, not {self.activations!r}")
+        if not (50 <= self.percentile <= 100):
+            raise DiffkilnError(f"--percentile {self.percentile} must be in 50..100")
+        if self.smooth is not None and not (0 <= self.smooth <= 1):
+            raise DiffkilnError(f"--smooth {self.smooth} must be in 0..1 (SmoothQuant's alpha)")
 
     def to_json(self) -> dict:
-        return {"percentile": self.percentile, "min_psnr": self.min_psnr, "fp16_io": self.fp16_io}
+        return {
+            "percentile": self.percentile,
+            "min_psnr": self.min_psnr,
+            "fp16_io": self.fp16_io,
+            "activations": self.activations,
+            "smooth": self.smooth,
+        }
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
@@ -112,12 +128,18 @@ def apply(
     return record
 
 
+def model_graph(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
 def _int8(src, work, target, calib, held, reference, options, recipe, log) -> dict:
     model = onnx.load(str(src), load_external_data=False)
     nodes = int8.quantizable_nodes(model)
     tensors = int8.activation_inputs(model, nodes)
     del model
-    activation_type = ACTIVATIONS[target]
+    activation_type = options.activations or ACTIVATIONS[target]
+    if target == "tensorrt" and activation_type != "int8":
+        raise DiffkilnError("TensorRT takes symmetric int8 activations only; drop uint8 for --target tensorrt")
     if recipe:
         kept = dict(recipe.get("kept", {}))
         amax = {t: float(recipe["amax"][t]) for t in tensors if t in recipe.get("amax", {})}
@@ -129,10 +151,21 @@ def _int8(src, work, target, calib, held, reference, options, recipe, log) -> di
             )
         log(f"  int8: ranges and kept nodes from the recipe ({len(kept)} kept)")
         search = recipe.get("search")
+        if recipe.get("smooth"):
+            raise DiffkilnError("recipes of smoothed graphs cannot be replayed yet; drop --recipe or --smooth")
     else:
         kept = {n.name: why for n in nodes if (why := int8.kept_reason(n.name, int8.KEEP))}
+        plan = smooth.groups(model_graph(src), [n for n in nodes if n.name not in kept]) if options.smooth else {}
+        channels = {x: k for x, (_c, k) in plan.items()}
         log(f"  int8: measuring {len(tensors)} activation ranges on {len(calib)} calibration inputs")
-        per_sample = stats.amax_per_sample(src, tensors, calib, log)
+        per_sample = stats.amax_per_sample(src, tensors, calib, log, channels=channels)
+        if plan:
+            smoothed = work / "smoothed.onnx"
+            done = smooth.smooth(src, smoothed, plan, per_sample, options.smooth, save_onnx)
+            for x, (name, s) in done.items():
+                per_sample[name] = smooth.smoothed_amax(per_sample.pop(x), s)
+            log(f"  int8: SmoothQuant (alpha {options.smooth:g}) on {len(done)} linear-layer inputs")
+            src = smoothed
         amax = {t: stats.over_steps(v, options.percentile) for t, v in per_sample.items()}
         search = None
     candidate = work / "candidate.onnx"
@@ -154,8 +187,11 @@ def _int8(src, work, target, calib, held, reference, options, recipe, log) -> di
             for node in groups[group]:
                 kept[node] = f"sensitivity: group {group} kept in float to reach {options.min_psnr:g} dB"
     int8.quantize(src, work / "model.onnx", amax, list(kept), activation_type=activation_type, log=log)
+    for f in work.glob("smoothed.onnx*"):
+        f.unlink()
     return {
         "activation_type": activation_type,
+        "smooth": options.smooth,
         "weights": "int8 symmetric per channel",
         "percentile": options.percentile,
         "quantized_nodes": len(nodes) - len(kept),

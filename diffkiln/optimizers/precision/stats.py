@@ -57,24 +57,32 @@ def amax_per_sample(
     tensors: Iterable[str],
     feeds: list[dict[str, np.ndarray]],
     log: Callable[[str], None] = lambda _: None,
+    channels: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """tensor → float64 [len(feeds)] of max |x| for each feed. The augmented graph is written beside `path` (so
-    external weights resolve) and removed afterwards; `path` must lie in a folder we own (the staging dir)."""
+    """tensor → float64 [len(feeds)] of max |x| for each feed; for the tensors in `channels` (name → size of the
+    last axis), [len(feeds), size]: max |x| per last-axis channel (SmoothQuant's input channels). The augmented
+    graph is written beside `path` (so external weights resolve) and removed afterwards; `path` must lie in a
+    folder we own (the staging dir)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     names = [t for t in dict.fromkeys(tensors)]
+    channels = channels or {}
     existing = {o.name for o in model.graph.output}
     for name in names:
         amax = name + SUFFIX
-        model.graph.node.extend(
-            [
-                helper.make_node("Abs", [name], [amax + "_abs"]),
-                helper.make_node("ReduceMax", [amax + "_abs"], [amax + "_max"], keepdims=0),
-                helper.make_node("Cast", [amax + "_max"], [amax], to=TensorProto.FLOAT),
-            ]
-        )
+        nodes = [helper.make_node("Abs", [name], [amax + "_abs"])]
+        if name in channels:  # [..., C] → [-1, C] → max over rows: one figure per channel
+            shape = amax + "_shape"
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, channels[name]]), shape))
+            nodes.append(helper.make_node("Reshape", [amax + "_abs", shape], [amax + "_rows"]))
+            nodes.append(_reduce_rows(model, amax + "_rows", amax + "_max"))
+        else:
+            nodes.append(helper.make_node("ReduceMax", [amax + "_abs"], [amax + "_max"], keepdims=0))
+        nodes.append(helper.make_node("Cast", [amax + "_max"], [amax], to=TensorProto.FLOAT))
+        model.graph.node.extend(nodes)
         if amax not in existing:
-            model.graph.output.append(helper.make_tensor_value_info(amax, TensorProto.FLOAT, []))
+            dims = [channels[name]] if name in channels else []
+            model.graph.output.append(helper.make_tensor_value_info(amax, TensorProto.FLOAT, dims))
     augmented = path.with_name(path.stem + ".amax.onnx")
     try:
         onnx.save(model, str(augmented))
@@ -84,15 +92,24 @@ def amax_per_sample(
             outputs = [n + SUFFIX for n in names]
             rows = []
             for i, feed in enumerate(feeds):
-                rows.append(np.array([float(v) for v in session.run(outputs, feed)], dtype=np.float64))
+                rows.append([np.asarray(v, dtype=np.float64) for v in session.run(outputs, feed)])
                 if (i + 1) % 10 == 0 or i + 1 == len(feeds):
                     log(f"  calibration: {i + 1}/{len(feeds)} samples")
         session = None
     finally:
         with contextlib.suppress(OSError):
             augmented.unlink()
-    table = np.stack(rows, axis=1) if rows else np.zeros((len(names), 0))
-    return dict(zip(names, table, strict=True))
+    return {name: np.stack([row[i] for row in rows]) if rows else np.zeros(0) for i, name in enumerate(names)}
+
+
+def _reduce_rows(model: onnx.ModelProto, x: str, out: str) -> onnx.NodeProto:
+    """ReduceMax over axis 0: an attribute up to opset 17, an input from 18 on."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if opset < 18:
+        return helper.make_node("ReduceMax", [x], [out], axes=[0], keepdims=0)
+    axes = out + "_axes"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0]), axes))
+    return helper.make_node("ReduceMax", [x, axes], [out], keepdims=0)
 
 
 def over_steps(per_sample: np.ndarray, percentile: float) -> float:
