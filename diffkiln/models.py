@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from diffkiln import kiln
-from diffkiln.errors import DiffkilnError
+from diffkiln.errors import DiffkilnError, SourceError
 
 DEFAULT_MODEL = "demo"  # the trained demo model shipped in diffkiln/assets/demo (tools/train_demo.py)
 
@@ -21,23 +21,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffkiln"
 
 
-def resolve_model(ref: str | None, log=print) -> Path:
-    """A kiln directory for `ref` (a kiln dir, a diffusers folder or a preset), exporting into the cache if needed."""
+def resolve_model(ref: str | None, log=print, arch: str | None = None) -> Path:
+    """A kiln directory for `ref` (a kiln dir, a diffusers folder, a single-file checkpoint or a preset), exporting
+    into the cache if needed; `arch` is a single file's --arch (single_file.ARCHS), None to detect it."""
     ref = ref or DEFAULT_MODEL
     path = Path(ref).expanduser()
     if (path / kiln.MANIFEST).is_file():
         return path
-    return export_to_cache(ref, log=log)
+    return export_to_cache(ref, log=log, arch=arch)
 
 
-def export_to_cache(ref: str, force: bool = False, log=print) -> Path:
-    """Export `ref` (a diffusers folder or a preset) into the user cache, once: the kiln dir `run -m ref` uses.
-    The cache key is the source's content fingerprint, so a changed folder gets a new kiln, never a stale one."""
+def export_to_cache(ref: str, force: bool = False, log=print, arch: str | None = None) -> Path:
+    """Export `ref` (a diffusers folder, a single-file checkpoint or a preset) into the user cache, once: the kiln
+    dir `run -m ref` uses. The cache key is the source's content fingerprint (a single file's includes its arch), so
+    a changed folder or file gets a new kiln, never a stale one."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         raise DiffkilnError(f"{ref} is not a kiln directory, and exporting it needs `pip install diffkiln[export]`")
-    from diffkiln.exporter.sources import open_source
-
-    source = open_source(ref)
+    source = _open(ref, arch)
     slug = re.sub(r"[^\w.-]+", "_", Path(source.ref).name)
     # 128 bits of the content fingerprint: two different folders never share a cache entry
     out = cache_dir() / "kilns" / f"{slug}-{source.fingerprint().split(':')[-1][:32]}"
@@ -53,3 +53,20 @@ def export_to_cache(ref: str, force: bool = False, log=print) -> Path:
         log(f"exporting {ref} into {out} (once)")
         export(source, out, ExportOptions(force=force, wait=True), log=log)  # another run may be exporting it
     return out
+
+
+def _open(ref: str, arch: str | None):
+    """open_source, except that a single file whose arch its keys cannot tell (SD 2.x: 512 px noise or 768 px
+    v-prediction) is told how to give one: `run -m` and cache exports take no --arch, `export -o` does."""
+    from diffkiln.exporter.sources import open_source
+
+    try:
+        return open_source(ref, arch)
+    except SourceError as e:
+        if arch is not None or "--arch" not in str(e):  # without an arch, only that ambiguity asks for one
+            raise
+        raise SourceError(
+            f"{ref} is a Stable Diffusion 2.x checkpoint whose keys do not say whether it predicts noise (512 px) "
+            "or velocity (768 px), and `run -m` (like `export` without -o) takes no --arch: export it with "
+            f"`diffkiln export {ref} --arch sd21 -o DIR` (or --arch sd21-v), then run -m DIR"
+        ) from None

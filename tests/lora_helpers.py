@@ -141,31 +141,11 @@ def to_sgm(module: str, layers: int) -> str:
 
 
 def reference_pipeline(preset: str):
-    """The diffusers pipeline of a preset, built in memory from the exact modules diffkiln exports."""
-    import diffusers
-    from transformers import CLIPTokenizer
-
+    """The diffusers pipeline of a preset, built in memory from the exact modules and tokenizers diffkiln exports."""
+    from diffkiln.bench.torch_ref import pipeline_from_modules
     from diffkiln.exporter import open_source
-    from diffkiln.exporter.presets import TOKENIZER_DIR
 
-    source = open_source(preset)
-    config = source.scheduler_config()
-    parts = {
-        "vae": source.load("vae"),
-        "text_encoder": source.load("text_encoder"),
-        "tokenizer": CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
-        "unet": source.load("unet"),
-        "scheduler": getattr(diffusers, config["_class_name"]).from_config(config),
-    }
-    if source.info.is_sdxl:
-        parts |= {
-            "text_encoder_2": source.load("text_encoder_2"),
-            "tokenizer_2": CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
-        }
-        return diffusers.StableDiffusionXLPipeline(**parts)
-    return diffusers.StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    return pipeline_from_modules(open_source(preset))
 
 
 def feeds(kiln_dir: Path, component: str) -> list[dict[str, np.ndarray]]:

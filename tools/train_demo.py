@@ -449,9 +449,11 @@ def save_pipeline(out: Path, unet, text_encoder) -> None:
     import diffusers
     from diffusers import DDIMScheduler
 
+    from diffkiln.exporter.sources import save_text_encoder
+
     unet.to(torch.float16).save_pretrained(out / "unet")  # halves the package; diffusers loads it as fp32
     unet.to(torch.float32)
-    text_encoder.save_pretrained(out / "text_encoder")
+    save_text_encoder(text_encoder, out / "text_encoder")  # `text_model.` keys: transformers 4 and 5 both load them
     DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",

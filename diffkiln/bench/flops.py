@@ -16,7 +16,7 @@ def _meta_modules(source_ref: str) -> dict:
     """{text_encoder[, text_encoder_2], unet, vae} built on the meta device from the source's configs."""
     import torch
 
-    from diffkiln.exporter.sources import open_source
+    from diffkiln.exporter.sources import PresetSource, open_source
 
     source = open_source(source_ref)
     names = (
@@ -25,6 +25,8 @@ def _meta_modules(source_ref: str) -> dict:
     with torch.device("meta"):
         if source.kind == "preset":
             return {n: source.load(n) for n in names}
+        if source.kind == "single-file":  # the configs are those of the preset its shapes matched; no weights read
+            return {n: PresetSource(source.preset).load(n) for n in names}
         return {n: _from_config(Path(source.ref) / n, n) for n in names}
 
 

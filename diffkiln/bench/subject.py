@@ -1,8 +1,9 @@
 """What is being benchmarked: the model's PyTorch source (for the reference) and its kiln directory (for diffkiln).
 
-SOURCE may be a preset, a diffusers folder or a kiln directory. A kiln directory names its source in its manifest
-(an optimized one also names the plain export it came from), so the reference can be rebuilt from it; a preset or
-folder is exported into the user cache (once) by the tools worker when a path needs a kiln directory.
+SOURCE may be a preset, a diffusers folder, a single-file checkpoint or a kiln directory. A kiln directory names its
+source in its manifest (an optimized one also names the plain export it came from), so the reference can be rebuilt
+from it; a preset, folder or single file is exported into the user cache (once) by the tools worker when a path needs
+a kiln directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffkiln.specs import VAE_SCALE, PipelineInfo
 class Subject:
     ref: str  # as the user gave it
     info: PipelineInfo
-    source_ref: str | None  # preset name or diffusers folder the reference is built from
+    source_ref: str | None  # preset name, diffusers folder or single file the reference is built from
     source_problem: str | None  # why there is no source_ref
     kiln_dir: Path | None  # the plain (unoptimized) export, when it already exists
 
@@ -37,7 +38,8 @@ class Subject:
 
 
 def resolve(ref: str) -> Subject:
-    """A Subject for a preset, diffusers folder or kiln directory; bad refs fail here with a one-line error."""
+    """A Subject for a preset, diffusers folder, single file or kiln directory; bad refs fail here with a one-line
+    error."""
     path = Path(ref).expanduser()
     if (path / kiln.MANIFEST).is_file():
         return _from_kiln(ref, path)
@@ -66,5 +68,7 @@ def _source_of(source: dict) -> tuple[str | None, str | None]:
     if kind == "preset" and ref in PRESETS:
         return ref, None
     if kind == "folder" and ref and Path(ref).is_dir():
+        return ref, None
+    if kind == "single-file" and ref and Path(ref).is_file():
         return ref, None
     return None, f"the kiln directory's source {ref!r} ({kind}) is not available here"

@@ -1,15 +1,18 @@
 """The PyTorch reference: diffusers' own pipeline over the source's weights, timed per stage.
 
-A preset's pipeline is assembled from `open_source(preset).load(...)` modules (the weights diffkiln exports); a
-folder's comes from `DiffusionPipeline.from_pretrained`. The scheduler is the diffusers twin that diffkiln's sampler
-registry names, and the initial noise is passed as `latents=`, so a deterministic sampler gives the image diffkiln
-should reproduce. Runs on the CPU in fp32, or under `torch.autocast("cpu", bfloat16)` for the bf16 path.
+A preset's or single file's pipeline is assembled from `open_source(ref).load(...)` modules (the weights diffkiln
+exports) and the tokenizers the source writes into its kilns; a folder's comes from
+`DiffusionPipeline.from_pretrained`. The scheduler is the diffusers twin that diffkiln's sampler registry names, and
+the initial noise is passed as `latents=`, so a deterministic sampler gives the image diffkiln should reproduce. Runs
+on the CPU in fp32, or under `torch.autocast("cpu", bfloat16)` for the bf16 path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +29,8 @@ def diffusers_scheduler(sampler: str, config):
 
 
 def build_pipeline(source_ref: str, scheduler: str):
-    """diffusers' pipeline for a preset or folder, with the diffusers twin of `scheduler`, gradients off."""
+    """diffusers' pipeline for a preset, folder or single file, with the diffusers twin of `scheduler`, gradients
+    off."""
     import diffusers
     import torch
 
@@ -37,7 +41,7 @@ def build_pipeline(source_ref: str, scheduler: str):
         extra = {} if source.info.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
         pipe = diffusers.DiffusionPipeline.from_pretrained(source.path, local_files_only=True, **extra)
     else:
-        pipe = _from_preset(source)
+        pipe = pipeline_from_modules(source)
     pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in pipe.components.values():
@@ -46,26 +50,32 @@ def build_pipeline(source_ref: str, scheduler: str):
     return pipe
 
 
-def _from_preset(source):
-    """The preset's modules in memory (as the exporter builds them), with the tokenizer presets ship."""
-    import diffusers
+def source_tokenizers(source) -> dict:
+    """{tokenizer[, tokenizer_2]: CLIPTokenizer} loaded from the folders `source` writes into a kiln, so a reference
+    tokenizes prompts as the kiln's runtime does: sd15/sd21/sdxl have the real CLIP vocabulary (sd21 and SDXL's
+    tokenizer_2 pad with "!"), the tiny presets diffkiln's small BPE."""
     from transformers import CLIPTokenizer
 
-    from diffkiln.exporter.presets import TOKENIZER_DIR
+    with tempfile.TemporaryDirectory(prefix="diffkiln-tokenizers-") as tmp:
+        names = source.copy_tokenizers(Path(tmp))
+        return {name: CLIPTokenizer.from_pretrained(Path(tmp) / name) for name in names}
+
+
+def pipeline_from_modules(source):
+    """diffusers' pipeline over a preset's or single file's modules in memory (`source.load`, the modules the
+    exporter traces) and its own tokenizers."""
+    import diffusers
 
     config = source.scheduler_config()
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     modules = {
         "vae": source.load("vae"),
         "text_encoder": source.load("text_encoder"),
-        "tokenizer": tokenizer,
+        **source_tokenizers(source),  # tokenizer, and tokenizer_2 for SDXL
         "unet": source.load("unet"),
         "scheduler": getattr(diffusers, config["_class_name"]).from_config(config),
     }
     if source.info.is_sdxl:
-        return diffusers.StableDiffusionXLPipeline(
-            **modules, text_encoder_2=source.load("text_encoder_2"), tokenizer_2=tokenizer
-        )
+        return diffusers.StableDiffusionXLPipeline(**modules, text_encoder_2=source.load("text_encoder_2"))
     return diffusers.StableDiffusionPipeline(
         **modules, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
