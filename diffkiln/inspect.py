@@ -23,9 +23,10 @@ def summarize(kiln_dir: Path) -> dict:
             "bytes": sum(f["bytes"] for f in record["files"].values()),
             "nodes": len(graph.graph.node),
             "ops": op_histogram(graph),
-            "parity_rel_err": record["parity"]["worst_rel_err"],
-            "parity_threshold": record["parity"]["max_rel_err"],
-            "weights_mapped": record["weights_mapped"],
+            "parity_rel_err": record.get("parity", {}).get("worst_rel_err"),  # none for foreign (optimum) folders
+            "parity_threshold": record.get("parity", {}).get("max_rel_err"),
+            "weights_mapped": record.get("weights_mapped"),
+            "precision": record.get("precision", manifest.get("precision", "fp32")),
         }
     return {
         "kiln_dir": str(kiln_dir),
@@ -48,11 +49,15 @@ def render(summary: dict, echo=print) -> None:
         f"{summary['kiln_dir']}: {summary['pipeline']} from {summary['source']['ref']} "
         f"({summary['precision']}, opset {summary['opset']}, {summary['created_by']})"
     )
-    echo(f"{'component':16s} {'size':>10s} {'nodes':>7s}  parity (max rel err)")
+    echo(f"{'component':16s} {'size':>10s} {'nodes':>7s} {'precision':>9s}  parity (max rel err)")
     for name, c in summary["components"].items():
-        ok = "ok" if c["parity_rel_err"] <= c["parity_threshold"] else "FAIL"
         size = f"{c['bytes'] / 1e6:.1f} MB"
-        echo(f"{name:16s} {size:>10s} {c['nodes']:7d}  {c['parity_rel_err']:.1e} {ok} (≤ {c['parity_threshold']:g})")
+        if c["parity_rel_err"] is None:
+            parity = "not recorded (not exported by diffkiln)"
+        else:
+            ok = "ok" if c["parity_rel_err"] <= c["parity_threshold"] else "FAIL"
+            parity = f"{c['parity_rel_err']:.1e} {ok} (≤ {c['parity_threshold']:g})"
+        echo(f"{name:16s} {size:>10s} {c['nodes']:7d} {c['precision']:>9s}  {parity}")
     for name, c in summary["components"].items():
         echo(f"\n{name}")
         for t in c["inputs"]:

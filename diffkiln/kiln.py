@@ -1,6 +1,7 @@
 """The kiln directory: layout, and the one stage writer every stage writes its output through.
 
-    manifest.json  weight_map.json  tokenizer[_2]/  scheduler/  <component>/model.onnx[.data]
+    manifest.json  model_index.json  weight_map.json  tokenizer[_2]/  scheduler/
+    <component>/model.onnx[.data] + config.json
 
 `StageWriter(out, …)` owns everything about writing a kiln dir, so export, optimize, lora (and the stages that
 come next) cannot each get it subtly wrong:
@@ -12,7 +13,9 @@ come next) cannot each get it subtly wrong:
 - staging: a hidden temp folder beside `out`, renamed into place in one step when the stage finishes and
   removed on any failure; staging folders of killed processes are swept on the next write to the same place;
 - support files (tokenizers, scheduler) copied from the source kiln, file hashes, the manifest with the
-  stage's stamp (what the up-to-date check compares) and its reports.
+  stage's stamp (what the up-to-date check compares) and its reports;
+- the interop files (model_index.json, each component's config.json) that optimum, optimum-intel and ONNX
+  Runtime's SD tools read, written from the manifest's record of them by `finish` (interop.py).
 
 Reading an untrusted kiln dir (schema, path confinement) is `kiln_reader.py`.
 """
@@ -30,9 +33,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from diffkiln import interop
 from diffkiln.errors import DISK_FULL, KilnError, OutputError
-from diffkiln.kiln_reader import MANIFEST, WEIGHT_MAP, inside, read_weight_map  # noqa: F401 (re-exported)
+from diffkiln.kiln_reader import MANIFEST, WEIGHT_MAP, inside
 from diffkiln.kiln_reader import read_manifest as _read_manifest
+from diffkiln.kiln_reader import read_weight_map as _read_weight_map
 
 FORMAT_VERSION = 1
 SCHEDULER = "scheduler"
@@ -43,8 +48,37 @@ def model_path(kiln: Path, component: str) -> Path:
 
 
 def read_manifest(kiln_dir: Path) -> dict:
-    """The kiln dir's manifest, validated and with every path it names confined (see kiln_reader)."""
+    """The kiln dir's manifest, validated and with every path it names confined (see kiln_reader); an optimum
+    ONNX folder's is made from its configs and graphs (interop.py)."""
     return _read_manifest(kiln_dir)
+
+
+def is_kiln_dir(path: Path) -> bool:
+    """A folder the stages read as a kiln dir: it has a manifest, or is an optimum ONNX folder."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or interop.is_optimum_dir(path)
+
+
+def manifest_sha256(kiln_dir: Path) -> str:
+    """What a stage's stamp records of its input: the manifest file's sha256, or for an optimum folder that of
+    the manifest made from it (which changes with any file's size or modification time)."""
+    path = Path(kiln_dir) / MANIFEST
+    if not path.exists() and interop.is_optimum_dir(kiln_dir):
+        blob = json.dumps(_read_manifest(kiln_dir, check_files=False), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+    return file_sha256(path)
+
+
+def read_weight_map(kiln_dir: Path) -> dict:
+    """weight_map.json, validated (kiln_reader); an optimum folder has none, so it is read off its graphs'
+    names (weight_map.map_from_graph: onnx is imported then, by the stages that fold or rewrite weights)."""
+    kiln_dir = Path(kiln_dir)
+    if not (kiln_dir / WEIGHT_MAP).exists() and interop.is_optimum_dir(kiln_dir):
+        from diffkiln.weight_map import map_from_graph
+
+        manifest = _read_manifest(kiln_dir)
+        return {name: map_from_graph(model_path(kiln_dir, name), name) for name in manifest["components"]}
+    return _read_weight_map(kiln_dir)
 
 
 def write_json(path: Path, data) -> None:
@@ -55,6 +89,9 @@ def write_json(path: Path, data) -> None:
 
 
 def file_sha256(path: Path) -> str:
+    path = Path(path)
+    if path.name == MANIFEST and not path.exists() and interop.is_optimum_dir(path.parent):
+        return manifest_sha256(path.parent)  # stages that stamp `KILN/manifest.json` read optimum folders too
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
@@ -184,6 +221,8 @@ class StageWriter:
         if not out.exists() or not any(out.iterdir()):
             return
         try:
+            if not (out / MANIFEST).is_file():  # an optimum folder reads as a kiln dir, but is not ours to replace
+                raise KilnError(f"{out} has no {MANIFEST}")
             self.existing = _read_manifest(out, check_files=False)
         except KilnError:
             n = sum(1 for p in out.rglob("*") if not p.is_dir())
@@ -226,12 +265,17 @@ class StageWriter:
             if folder not in skip and (kiln_dir / folder).is_dir():
                 shutil.copytree(inside(kiln_dir, folder, f"manifest entry {folder!r}"), self.tmp / folder)
 
-    def finish(self, manifest: dict, reports: dict[str, dict] | None = None) -> None:
-        """Write the reports and the manifest (with this stage's stamp) last; the rename happens on exit."""
+    def finish(self, manifest: dict, reports: dict[str, dict] | None = None) -> dict:
+        """Write the reports, the interop files (model_index.json, <component>/config.json, from the manifest's
+        `interop` record) and the manifest (with this stage's stamp) last; the rename happens on exit. Returns
+        the manifest as written."""
         for name, report in (reports or {}).items():
             write_json(self.tmp / name, report)
-        write_json(self.tmp / MANIFEST, {**manifest, "stage": {"name": self.stage, "stamp": self.stamp}})
+        manifest = interop.write_files(self.tmp, manifest)
+        manifest = {**manifest, "stage": {"name": self.stage, "stamp": self.stamp}}
+        write_json(self.tmp / MANIFEST, manifest)
         self._finished = True
+        return manifest
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:

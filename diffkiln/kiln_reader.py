@@ -10,6 +10,9 @@ A kiln dir is something users download and unpack from others, like a checkpoint
 - every ONNX external-data `location` in a component's graph resolves inside that component's folder, checked
   by scanning the protobuf wire format *before* onnx or ONNX Runtime open the file (both follow locations).
 
+A folder without `manifest.json` that `optimum-cli export onnx` wrote (model_index.json + unet/model.onnx) is
+read as a kiln dir too: interop.py makes its manifest from its configs and graphs, then it is checked like any.
+
 Anything else is a one-line KilnError naming the entry. Pure Python: the slim runtime reads kilns through this.
 """
 
@@ -22,6 +25,7 @@ import os
 from pathlib import Path
 
 from diffkiln.errors import KilnError
+from diffkiln.specs import CONTRACTS
 
 MANIFEST = "manifest.json"
 WEIGHT_MAP = "weight_map.json"
@@ -77,8 +81,19 @@ def read_manifest(kiln_dir: Path, *, check_files: bool = True) -> dict:
     path = kiln_dir / MANIFEST
     if not kiln_dir.is_dir():
         raise KilnError(f"no such kiln directory: {kiln_dir}; create one with `diffkiln export SOURCE -o {kiln_dir}`")
-    if not path.is_file():
-        raise KilnError(f"{kiln_dir} has no {MANIFEST}; it is not a kiln directory (run `diffkiln export` first)")
+    if not path.is_file() and not path.is_symlink():
+        from diffkiln import interop  # an optimum folder: its manifest is made from its configs and graphs
+
+        if interop.is_optimum_dir(kiln_dir):
+            manifest = interop.optimum_manifest(kiln_dir)
+            validate(manifest, kiln_dir / interop.INDEX)
+            if check_files:
+                check_paths(kiln_dir, manifest)
+            return manifest
+        raise KilnError(
+            f"{kiln_dir} has no {MANIFEST}; it is not a kiln directory (run `diffkiln export` first) nor an "
+            "optimum ONNX folder (model_index.json + unet/model.onnx)"
+        )
     inside(kiln_dir, MANIFEST, MANIFEST)
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise KilnError(f"{path} is {path.stat().st_size} bytes, too large for a manifest: do not use this kiln dir")
@@ -145,6 +160,19 @@ def validate(manifest, where: Path) -> None:
     hidden = pipeline.get("text_hidden")
     if not isinstance(hidden, list) or not 1 <= len(hidden) <= 2 or not all(_int_in(h, 1, 1 << 16) for h in hidden):
         raise bad("pipeline.text_hidden", f"is {hidden!r}, not a list of one or two sizes")
+    layers = pipeline.get("text_layers", [])
+    if not isinstance(layers, list) or len(layers) > len(hidden) or not all(_int_in(n, 0, 1024) for n in layers):
+        raise bad("pipeline.text_layers", f"is {layers!r}, not a layer count per text encoder")
+    if pipeline.get("contract", "diffkiln") not in CONTRACTS:
+        raise bad("pipeline.contract", f"is {pipeline.get('contract')!r}, not one of {', '.join(CONTRACTS)}")
+    interop = manifest.get("interop", {})
+    configs = interop.get("configs") if isinstance(interop, dict) else None
+    if not isinstance(interop, dict) or (interop and not isinstance(interop.get("model_index"), dict)):
+        raise bad("interop", "is not a {model_index, configs} record")
+    if interop and not (
+        isinstance(configs, dict) and all(c in COMPONENTS and isinstance(v, dict) for c, v in configs.items())
+    ):
+        raise bad("interop.configs", "is not a {component: config} map")
     unknown = sorted(set(manifest["components"]) - set(COMPONENTS))
     if unknown:
         raise bad("components", f"names unknown component {unknown[0]!r} (known: {', '.join(COMPONENTS)})")
@@ -229,6 +257,93 @@ def external_locations(path: Path) -> list[str]:
         raise KilnError(
             f"{path} is not a valid ONNX file (truncated or corrupt); re-export or re-download it"
         ) from None
+
+
+# GraphProto.input = 11, .output = 12, .initializer = 5 (TensorProto.name = 8); ValueInfoProto: name = 1, type = 2;
+# TypeProto.tensor_type = 1; Tensor: elem_type = 1 (varint), shape = 2; TensorShapeProto.dim = 1
+_ELEM_TYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    16: "bfloat16",
+}
+
+
+def graph_io(path: Path) -> dict:
+    """{"inputs"|"outputs": [(name, dtype, rank)], "opset": default-domain opset} of an ONNX file's main graph
+    (initializers listed as inputs left out), read from the wire format like `external_locations`; KilnError
+    when it is not valid protobuf."""
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            io: dict = {"inputs": [], "outputs": [], "opset": 0}
+            inits: set[str] = set()
+            for number, begin, stop in _fields(buf, 0, len(buf)):
+                if number == 8:  # ModelProto.opset_import: OperatorSetIdProto {domain = 1, version = 2}
+                    domain, version = _opset(buf, begin, stop)
+                    io["opset"] = version if domain in ("", "ai.onnx") else io["opset"]
+                if number != 7:  # ModelProto.graph
+                    continue
+                for field, b, e in _fields(buf, begin, stop):
+                    if field in (11, 12):
+                        io["inputs" if field == 11 else "outputs"].append(_value_info(buf, b, e))
+                    elif field == 5:
+                        inits.update(bytes(buf[nb:ne]).decode() for n, nb, ne in _fields(buf, b, e) if n == 8)
+            io["inputs"] = [v for v in io["inputs"] if v[0] not in inits]
+            return io
+    except (ValueError, IndexError, UnicodeDecodeError, RecursionError, OSError):
+        raise KilnError(
+            f"{path} is not a valid ONNX file (truncated or corrupt); re-export or re-download it"
+        ) from None
+
+
+def _opset(buf, start: int, end: int) -> tuple[str, int]:
+    domain, version, i = "", 0, start
+    while i < end:
+        key, i = _varint(buf, i, end)
+        if key == (2 << 3):  # version, a varint
+            version, i = _varint(buf, i, end)
+        elif key & 7 == 2:
+            n, i = _varint(buf, i, end)
+            if key >> 3 == 1:
+                domain = bytes(buf[i : i + n]).decode()
+            i += n
+        else:
+            raise ValueError("unexpected field in an opset id")
+    return domain, version
+
+
+def _value_info(buf, start: int, end: int) -> tuple[str, str, int]:
+    name, dtype, rank = "", "undefined", -1
+    for number, begin, stop in _fields(buf, start, end):
+        if number == 1:
+            name = bytes(buf[begin:stop]).decode()
+        elif number == 2:
+            for n, b, e in _fields(buf, begin, stop):
+                if n == 1:  # tensor_type: its elem_type is a varint, so walk it by hand
+                    dtype, rank = _tensor_type(buf, b, e)
+    return name, dtype, rank
+
+
+def _tensor_type(buf, start: int, end: int) -> tuple[str, int]:
+    dtype, rank, i = "undefined", -1, start
+    while i < end:
+        key, i = _varint(buf, i, end)
+        if key == (1 << 3):  # elem_type, wire type 0
+            value, i = _varint(buf, i, end)
+            dtype = _ELEM_TYPES.get(value, f"type {value}")
+        elif key & 7 == 2:
+            n, i = _varint(buf, i, end)
+            if key >> 3 == 2:  # shape: count its dims
+                rank = sum(1 for f, _, _ in _fields(buf, i, i + n) if f == 1)
+            i += n
+        else:
+            raise ValueError("unexpected field in a tensor type")
+    return dtype, rank
 
 
 def _walk(buf, start: int, end: int, fields: dict, found: list[str], depth: int) -> None:

@@ -26,7 +26,7 @@ def resolve_model(ref: str | None, log=print, arch: str | None = None) -> Path:
     into the cache if needed; `arch` is a single file's --arch (single_file.ARCHS), None to detect it."""
     ref = ref or DEFAULT_MODEL
     path = Path(ref).expanduser()
-    if (path / kiln.MANIFEST).is_file():
+    if kiln.is_kiln_dir(path):  # diffkiln's own, or an optimum ONNX folder
         return path
     return export_to_cache(ref, log=log, arch=arch)
 

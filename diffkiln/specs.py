@@ -6,16 +6,22 @@ runtime feeds by them. Pure Python + numpy so every stage (and the slim runtime)
 Symbolic dims: `batch`, latent `height`/`width` (image size / 8), image `image_height`/`image_width`, and the
 UNet's text `sequence` (77 per prompt chunk: prompts over 75 tokens are encoded in chunks whose embeddings are
 concatenated, so the UNet takes 77·n tokens). Text encoders always take exactly 77 tokens.
+
+Two contracts: diffkiln's own (int32 `input_ids`, timestep [B], `penultimate_hidden_state` beside optimum's names)
+and `optimum`, what `optimum-cli export onnx` writes (int64 `input_ids`, a scalar timestep, SDXL's penultimate
+state only as `hidden_states.{L-1}`, and SD1/2 text encoders without hidden states). A kiln dir records which in
+its pipeline block (`contract`); every stage builds its specs from that, so optimum folders optimize and fold alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 SEQUENCE_LENGTH = 77
 VAE_SCALE = 8  # pixels per latent cell in every SD VAE
+CONTRACTS = ("diffkiln", "optimum")
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,31 @@ class PipelineInfo:
     num_down: int = 3  # UNet downsamplings: latent sides must be multiples of 2**num_down
     scaling_factor: float = 0.18215
     prediction_type: str = "epsilon"
+    # transformer layers L of each text encoder whose hidden states the graph gives as hidden_states.0…L
+    # (0 or missing: none, as in kilns exported before them and in optimum's SD1/2 exports)
+    text_layers: tuple[int, ...] = ()
+    contract: str = "diffkiln"  # see the module docstring
 
     @property
     def is_sdxl(self) -> bool:
         return self.kind == "sdxl"
+
+    def layers(self, encoder: int) -> int:
+        """L of text encoder `encoder` (0-based): its graph gives hidden_states.0…L; 0 when it gives none."""
+        return self.text_layers[encoder] if encoder < len(self.text_layers) else 0
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> PipelineInfo:
-        return cls(**{**data, "text_hidden": tuple(data["text_hidden"])})
+        """From a manifest's pipeline block; keys this version does not know are ignored (newer kilns)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["text_hidden"] = tuple(data["text_hidden"])
+        if "text_layers" in data:
+            values["text_layers"] = tuple(data["text_layers"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,7 @@ def _tensor_json(t: TensorSpec) -> dict:
 
 def _draw(t: TensorSpec, shape: tuple[int, ...], info: PipelineInfo, rng: np.random.Generator) -> np.ndarray:
     if t.values == "timestep":
-        return rng.uniform(0, 999, size=shape).astype(t.dtype)
+        return np.asarray(rng.uniform(0, 999, size=shape), dtype=t.dtype)  # shape () stays an array
     if t.values == "tokens":
         # <bos> prompt tokens <eos> padding: a random prompt length per row, padded with eos as CLIP does
         ids = rng.integers(0, info.eos_token_id - 1, size=shape)
@@ -131,18 +151,39 @@ def parity_dims(info: PipelineInfo) -> list[dict[str, int]]:
     return [dims(1, side, side), dims(2, side, 2 * side, chunks=2)]
 
 
-def text_encoder_spec(name: str, hidden: int, *, with_projection: bool, projection_dim: int = 0) -> ComponentSpec:
+def text_encoder_spec(
+    name: str,
+    hidden: int,
+    *,
+    with_projection: bool,
+    projection_dim: int = 0,
+    layers: int = 0,
+    contract: str = "diffkiln",
+) -> ComponentSpec:
     """CLIP text encoder. Encoder 1 gives (last_hidden_state, pooler_output), SDXL's encoder 2 gives
-    (text_embeds, last_hidden_state); both also give the penultimate hidden state SDXL conditions on."""
+    (text_embeds, last_hidden_state), as optimum names them; then hidden_states.0…L in index order when `layers`
+    (L) is set (hidden_states.0 is the token embeddings, hidden_states.L the last layer before the final layer
+    norm: transformers' `hidden_states` tuple, which optimum-intel reads by position); diffkiln's contract ends
+    with penultimate_hidden_state (= hidden_states.{L-1}, what SDXL conditions on)."""
     seq = ("batch", SEQUENCE_LENGTH, hidden)
     pooled = TensorSpec("text_embeds", "float32", ("batch", projection_dim))
     outputs = (pooled,) if with_projection else ()
     outputs += (TensorSpec("last_hidden_state", "float32", seq),)
     if not with_projection:
         outputs += (TensorSpec("pooler_output", "float32", ("batch", hidden)),)
-    outputs += (TensorSpec("penultimate_hidden_state", "float32", seq),)
-    ids = TensorSpec("input_ids", "int32", ("batch", SEQUENCE_LENGTH), values="tokens")
+    outputs += tuple(TensorSpec(f"hidden_states.{i}", "float32", seq) for i in range(layers + 1 if layers else 0))
+    if contract == "diffkiln":
+        outputs += (TensorSpec("penultimate_hidden_state", "float32", seq),)
+    ids_dtype = "int64" if contract == "optimum" else "int32"
+    ids = TensorSpec("input_ids", ids_dtype, ("batch", SEQUENCE_LENGTH), values="tokens")
     return ComponentSpec(name, (ids,), outputs, profile={"batch": (1, 2, 8)})
+
+
+def penultimate_output(info: PipelineInfo, encoder: int) -> str:
+    """The output holding text encoder `encoder`'s penultimate hidden state (what SDXL conditions on)."""
+    if info.contract == "optimum":
+        return f"hidden_states.{info.layers(encoder) - 1}"
+    return "penultimate_hidden_state"
 
 
 def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
@@ -152,16 +193,27 @@ def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
     s = info.sample_size
     spatial = {"height": (s // 2, s, 2 * s), "width": (s // 2, s, 2 * s)}
     batch = {"batch": (1, 2, 8)}
-    specs = [text_encoder_spec("text_encoder", info.text_hidden[0], with_projection=False)]
+    contract = info.contract
+    specs = [
+        text_encoder_spec(
+            "text_encoder", info.text_hidden[0], with_projection=False, layers=info.layers(0), contract=contract
+        )
+    ]
     if info.is_sdxl:
         specs.append(
             text_encoder_spec(
-                "text_encoder_2", info.text_hidden[1], with_projection=True, projection_dim=info.text_embeds_dim
+                "text_encoder_2",
+                info.text_hidden[1],
+                with_projection=True,
+                projection_dim=info.text_embeds_dim,
+                layers=info.layers(1),
+                contract=contract,
             )
         )
+    timestep = () if contract == "optimum" else ("batch",)  # optimum: one timestep for every row
     unet_in = (
         TensorSpec("sample", "float32", latent),
-        TensorSpec("timestep", "float32", ("batch",), values="timestep"),
+        TensorSpec("timestep", "float32", timestep, values="timestep"),
         TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", info.cross_attention_dim)),
     )
     if info.is_sdxl:

@@ -14,7 +14,7 @@ from diffkiln.exporter.torch_weights import lora_weights
 from diffkiln.exporter.wrappers import wrap
 from diffkiln.onnxio import iter_initializers, load_graph
 from diffkiln.parity import ort_session
-from diffkiln.specs import component_specs, dims
+from diffkiln.specs import PipelineInfo, component_specs, dims
 
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
@@ -30,7 +30,7 @@ def test_tiny_kiln_layout(tiny_kiln):
     assert manifest["source"] == {"kind": "preset", "ref": "tiny", "fingerprint": open_source("tiny").fingerprint()}
     assert manifest["source"]["fingerprint"] != open_source("tiny-sdxl").fingerprint()
     for name, record in manifest["components"].items():
-        assert (tiny_kiln / record["path"]).is_file()
+        assert (tiny_kiln / record["path"]).is_file() and (tiny_kiln / name / "config.json").is_file()
         assert record["parity"]["worst_rel_err"] <= 1e-4
         assert len(record["parity"]["cases"]) == 2
         assert not record["weights_unmapped"], name
@@ -41,7 +41,9 @@ def test_tiny_kiln_layout(tiny_kiln):
 
 
 def test_graph_io_follows_the_contract(tiny_kiln):
-    specs = component_specs(open_source("tiny").info)
+    info = PipelineInfo.from_json(kiln.read_manifest(tiny_kiln)["pipeline"])
+    assert info.text_layers == (2,)  # the tiny CLIP's layers: hidden_states.0 … hidden_states.2
+    specs = component_specs(info)
     for name in COMPONENTS:
         graph = load_graph(kiln.model_path(tiny_kiln, name)).graph
         assert [i.name for i in graph.input] == specs[name].input_names
@@ -54,15 +56,24 @@ def test_graph_io_follows_the_contract(tiny_kiln):
     assert shape(unet.input[0]) == ["batch", 4, "height", "width"] == shape(unet.output[0])
     assert shape(unet.input[2]) == ["batch", "sequence", 32]
     text = load_graph(kiln.model_path(tiny_kiln, "text_encoder")).graph
-    assert [shape(o) for o in text.output] == [["batch", 77, 32], ["batch", 32], ["batch", 77, 32]]
+    assert [o.name for o in text.output] == [
+        "last_hidden_state",
+        "pooler_output",
+        "hidden_states.0",
+        "hidden_states.1",
+        "hidden_states.2",
+        "penultimate_hidden_state",
+    ]
+    assert [shape(o) for o in text.output] == [["batch", 77, 32], ["batch", 32], *[["batch", 77, 32]] * 4]
 
 
 @pytest.mark.parametrize("component", ["unet", "vae_decoder", "vae_encoder", "text_encoder"])
 def test_dynamic_shapes(tiny_kiln, component):
     """Run the graph at a shape it was neither traced nor checked at: batch 3, latent 16×24, 3 prompt chunks."""
     source = open_source("tiny")
-    spec = component_specs(source.info)[component]
-    feeds = spec.sample_inputs(dims(3, 16, 24, chunks=3), source.info, seed=7)
+    info = PipelineInfo.from_json(kiln.read_manifest(tiny_kiln)["pipeline"])
+    spec = component_specs(info)[component]
+    feeds = spec.sample_inputs(dims(3, 16, 24, chunks=3), info, seed=7)
     model = wrap(component, source.load(MODULE_OF[component]))
     with torch.no_grad():
         ref = export_module._run_torch(model, spec, feeds)
@@ -107,11 +118,15 @@ def test_tiny_sdxl_has_both_encoders_and_added_conditioning(tiny_sdxl_kiln):
     assert [t["name"] for t in contracts["text_encoder_2"]["outputs"]] == [
         "text_embeds",
         "last_hidden_state",
+        "hidden_states.0",
+        "hidden_states.1",
+        "hidden_states.2",
         "penultimate_hidden_state",
     ]
     assert all(c["parity"]["worst_rel_err"] <= 1e-4 for c in manifest["components"].values())
     assert [p.name for p in sorted(tiny_sdxl_kiln.iterdir())] == [
         "manifest.json",
+        "model_index.json",
         "scheduler",
         "text_encoder",
         "text_encoder_2",

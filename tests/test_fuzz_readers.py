@@ -69,3 +69,26 @@ def test_manifest_and_graph_readers(tiny_kiln, tmp_path, target):
             one_line(e)
             refused += 1
     assert refused >= CASES // 3
+
+
+@pytest.mark.parametrize("target", ["model_index.json", "unet/config.json", "text_encoder/model.onnx"])
+def test_optimum_folder_reader(tiny_kiln, tmp_path, target):
+    """An optimum folder's manifest is made from its index, configs and graphs' I/O (read from the wire format)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fixture", Path(__file__).parents[1] / "tools/make_optimum_fixture.py"
+    )
+    fixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixture)
+    folder = fixture.convert(tiny_kiln, tmp_path / "optimum")
+    data = (folder / target).read_bytes()
+    refused = 0
+    for damaged in mutations(data, seed=2):
+        (folder / target).write_bytes(damaged)
+        try:
+            kiln.read_manifest(folder)
+        except DiffkilnError as e:
+            one_line(e)
+            refused += 1
+    assert refused >= CASES // 3

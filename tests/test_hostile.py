@@ -80,7 +80,8 @@ def external_unet(k: Path, location: str) -> None:
         t.external_data.add(key=key, value=value)
     onnx.save(model, path)
     size = path.stat().st_size
-    edit_manifest(k, lambda m: m["components"]["unet"]["files"]["model.onnx"].update(bytes=size))
+    if (k / kiln.MANIFEST).exists():  # an optimum folder has no manifest to keep consistent
+        edit_manifest(k, lambda m: m["components"]["unet"]["files"]["model.onnx"].update(bytes=size))
 
 
 @pytest.mark.parametrize("location", ["../../secret.txt", "/etc/hostname", "{tmp}/secret.txt"])
@@ -319,3 +320,98 @@ def test_bad_prompts_and_images(tiny_kiln, tmp_path):
     Image.new("1", (20000, 20000)).save(bomb)  # 400 megapixels in a few kB
     refused(run("run", "a cat", "-m", tiny_kiln, "--image", bomb, "-o", tmp_path / "x.png"), str(bomb))
     assert not (tmp_path / "x.png").exists()
+
+
+# --- optimum folders (no manifest.json: read from model_index.json, configs and graphs) --------------------------
+
+
+@pytest.fixture
+def optimum_crafted(tiny_kiln, tmp_path):
+    """The tiny kiln written out as an optimum folder (tools/make_optimum_fixture.py) to damage, a LoRA for it,
+    and a bystander file outside."""
+    import importlib.util
+
+    from lora_helpers import make_lora, save_kohya
+
+    spec = importlib.util.spec_from_file_location(
+        "fixture", Path(__file__).parents[1] / "tools/make_optimum_fixture.py"
+    )
+    fixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixture)
+    folder = fixture.convert(tiny_kiln, tmp_path / "optimum")
+    (tmp_path / "secret.txt").write_text('{"hidden_size": 32}')
+    lora = save_kohya(make_lora(tiny_kiln, "attn", seed=3), tmp_path / "lora.safetensors")
+    return folder, lora
+
+
+def _edit_json(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def _retype(folder: Path, component: str, name: str, elem_type: int) -> None:
+    path = folder / component / "model.onnx"
+    model = onnx.load(path)
+    next(v for v in [*model.graph.input, *model.graph.output] if v.name == name).type.tensor_type.elem_type = elem_type
+    onnx.save(model, path)
+
+
+def _rename_output(folder: Path, component: str, old: str, new: str) -> None:
+    path = folder / component / "model.onnx"
+    model = onnx.load(path)
+    next(o for o in model.graph.output if o.name == old).name = new
+    onnx.save(model, path)
+
+
+def _link_out(folder: Path, rel: str) -> None:
+    (folder / rel).unlink()
+    (folder / rel).symlink_to(folder.parent / "secret.txt")
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda f: (f / "model_index.json").write_text("{not json"), "model_index.json is not readable JSON"),
+        (lambda f: (f / "model_index.json").write_text("[1]"), "is a JSON list, not an object"),
+        (
+            lambda f: _edit_json(f / "model_index.json", lambda d: d.update(_class_name="FluxPipeline")),
+            "'FluxPipeline'",
+        ),
+        (lambda f: (f / "unet" / "config.json").unlink(), "has no unet/config.json"),
+        (lambda f: (f / "text_encoder" / "model.onnx").unlink(), "has no text_encoder/model.onnx"),
+        (lambda f: shutil.rmtree(f / "tokenizer"), "has no tokenizer/ folder"),
+        (lambda f: _edit_json(f / "text_encoder/config.json", lambda d: d.update(hidden_size="32")), "hidden_size"),
+        (lambda f: _edit_json(f / "unet/config.json", lambda d: d.update(sample_size=10**9)), "pipeline.sample_size"),
+        (lambda f: _link_out(f, "text_encoder/config.json"), "points outside"),
+        (lambda f: _link_out(f, "tokenizer/merges.txt"), "outside"),
+        (lambda f: _retype(f, "unet", "timestep", onnx.TensorProto.FLOAT16), "fp32 optimum exports only"),
+        (lambda f: _rename_output(f, "text_encoder", "pooler_output", "pooled"), "not an optimum export"),
+        (lambda f: (f / "unet" / "model.onnx").write_bytes(b"\x0a\xff\xff"), "not a valid ONNX file"),
+        (lambda f: external_unet(f, "../../secret.txt"), "external data location"),
+    ],
+)
+def test_crafted_optimum_folders_are_refused(optimum_crafted, tmp_path, damage, fragment):
+    folder, lora = optimum_crafted
+    damage(folder)
+    before = tree(tmp_path)
+    for args in (
+        ("optimize", folder, "--target", "ort-cpu", "-o", tmp_path / "out"),
+        ("lora", folder, "--lora", lora, "-o", tmp_path / "out"),
+        ("inspect", folder),
+    ):
+        refused(run(*args), fragment)
+    assert tree(tmp_path) == before
+
+
+def test_force_never_replaces_an_optimum_folder(optimum_crafted, tmp_path):
+    """An optimum folder reads as a kiln dir, but it is the user's: no stage replaces it, even with --force."""
+    folder, lora = optimum_crafted
+    other = shutil.copytree(folder, tmp_path / "other")
+    before = tree(tmp_path)
+    fragment = "is not a kiln directory; it holds"
+    refused(run("export", "tiny", "-o", other, "--force", "--components", "vae_decoder"), fragment)
+    refused(run("lora", folder, "--lora", lora, "-o", other, "--force"), fragment)
+    refused(run("optimize", folder, "--target", "ort-cpu", "-o", other, "--force"), fragment)
+    refused(run("optimize", folder, "--target", "ort-cpu", "-o", folder, "--force"), "is or contains the input")
+    assert tree(tmp_path) == before

@@ -67,7 +67,8 @@ def assert_parity(pipe, folded: Path, base: Path, components) -> None:
         ):
             for name in names:
                 assert diff(got[name], ref[name]).rel <= MAX_REL_ERR, (component, name)
-                assert diff(before[name], ref[name]).rel > 1e-2, f"{component}.{name}: the LoRA changed nothing"
+                if name != "hidden_states.0":  # the token + position embeddings: no LoRA touches them
+                    assert diff(before[name], ref[name]).rel > 1e-2, f"{component}.{name}: the LoRA changed nothing"
 
 
 def nothing_written(out: Path) -> bool:
@@ -285,7 +286,7 @@ def test_embeddings_add_tokens_and_rows_like_diffusers(tiny_kiln, tmp_path):
     ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="np").input_ids
     assert ids[0].tolist() == theirs
     inputs = [{"input_ids": ids.astype(np.int32)}]
-    names = ["last_hidden_state", "pooler_output", "penultimate_hidden_state"]
+    names = component_specs(PipelineInfo.from_json(kiln.read_manifest(out)["pipeline"]))["text_encoder"].output_names
     (ref,), (got,) = run_torch(pipe, "text_encoder", inputs, names), run_onnx(out, "text_encoder", inputs)
     assert all(diff(got[k], ref[k]).rel <= MAX_REL_ERR for k in names)
 

@@ -111,8 +111,10 @@ def test_up_to_date_force_and_bad_input(tiny_kiln, tmp_path):
         optimize(tiny_kiln, "tensorrt", out=out, log=messages.append)
     with pytest.raises(DiffkilnError, match="unknown target 'cuda'"):
         optimize(tiny_kiln, "cuda", out=tmp_path / "x")
-    with pytest.raises(DiffkilnError, match="--precision int8 is not built into diffkiln yet"):
+    with pytest.raises(DiffkilnError, match="--precision int8 needs calibration inputs recorded from the pipeline"):
         optimize(tiny_kiln, "ort-cpu", precision="int8", out=tmp_path / "x")
+    with pytest.raises(DiffkilnError, match="unknown precision 'int4'"):
+        optimize(tiny_kiln, "ort-cpu", precision="int4", out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

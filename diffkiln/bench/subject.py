@@ -41,7 +41,7 @@ def resolve(ref: str) -> Subject:
     """A Subject for a preset, diffusers folder, single file or kiln directory; bad refs fail here with a one-line
     error."""
     path = Path(ref).expanduser()
-    if (path / kiln.MANIFEST).is_file():
+    if kiln.is_kiln_dir(path):
         return _from_kiln(ref, path)
     from diffkiln.exporter.sources import open_source  # no torch at import; a folder's headers are checked
 

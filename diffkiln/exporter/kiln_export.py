@@ -1,15 +1,20 @@
 """torch → ONNX export of each component, with parity against PyTorch proven before anything is kept.
 
 Per component (one at a time, memory released in between):
-  build the torch module → reference outputs at two shapes → trace to ONNX (dynamic batch/height/width) →
-  fingerprint weights → free torch → map weights → run ONNX Runtime at both shapes → compare (fail hard).
+  build the torch module (its config kept for config.json; a text encoder's layer count sets its hidden_states
+  outputs) → reference outputs at two shapes → trace to ONNX (dynamic batch/height/width) → fingerprint weights →
+  free torch → map weights → run ONNX Runtime at both shapes → compare (fail hard).
 The whole kiln directory is staged in a temp folder and renamed into place only when every component passed.
+The source's model_index.json (or one made like it) and the modules' configs go into the manifest's `interop`
+record, which the stage writer writes out as the files optimum and ONNX Runtime's SD tools read (interop.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -18,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffkiln import __version__, kiln
-from diffkiln.errors import DiffkilnError
+from diffkiln import __version__, interop, kiln
+from diffkiln.errors import DiffkilnError, SourceError
 from diffkiln.exporter.sources import MODULE_OF, Source
 from diffkiln.onnxio import consolidate_external_data, stamp_io_shapes
 from diffkiln.parity import MAX_REL_ERR, check, ort_session
-from diffkiln.specs import ComponentSpec, component_specs, parity_dims
+from diffkiln.specs import ComponentSpec, PipelineInfo, component_specs, parity_dims
 from diffkiln.weight_map import map_weights
 
 DEFAULT_OPSET = 17
@@ -60,31 +65,53 @@ def export(source: Source, out: Path, options: ExportOptions = ExportOptions(), 
             log(f"{out} is up to date with {source.ref} (use --force to re-export)")
             return w.existing
         manifest = _manifest_head(source, source_fp, options)
-        weight_map = {}
+        info, weight_map, configs = source.info, {}, {}
         for name in names:
-            record, weight_map[name] = export_component(source, specs[name], w.tmp, options, log)
-            manifest["components"][name] = record
+            done = export_component(source, name, info, w.tmp, options, log)
+            manifest["components"][name] = done.record
+            weight_map[name], configs[name], info = done.mapping, done.config, done.info
+        manifest["pipeline"] = info.to_json()
         manifest["tokenizers"] = source.copy_tokenizers(w.tmp)
         (w.tmp / kiln.SCHEDULER).mkdir()
-        kiln.write_json(w.tmp / kiln.SCHEDULER / "scheduler_config.json", source.scheduler_config())
+        scheduler = source.scheduler_config()
+        kiln.write_json(w.tmp / kiln.SCHEDULER / "scheduler_config.json", scheduler)
         kiln.write_json(w.tmp / kiln.WEIGHT_MAP, weight_map)
-        w.finish(manifest)
+        manifest["interop"] = interop.block(
+            interop.model_index(info, configs, scheduler, _source_index(source)), configs
+        )
+        manifest = w.finish(manifest)
     return manifest
 
 
+@dataclass(frozen=True)
+class Exported:
+    record: dict  # the component's manifest entry
+    mapping: dict  # its weight map
+    config: dict  # the torch module's config, as `save_pretrained` writes config.json
+    info: PipelineInfo  # the pipeline info, with a text encoder's layer count filled in
+
+
 def export_component(
-    source: Source, spec: ComponentSpec, root: Path, options: ExportOptions, log: Callable
-) -> tuple[dict, dict]:
-    """Export one component into root/<name>/model.onnx; returns (manifest record, weight map)."""
+    source: Source, name: str, info: PipelineInfo, root: Path, options: ExportOptions, log: Callable
+) -> Exported:
+    """Export one component into root/<name>/model.onnx."""
     import torch
 
     from diffkiln.exporter import wrappers  # torch modules: imported only when exporting
     from diffkiln.exporter.torch_weights import fingerprint, lora_weights
 
     start = time.perf_counter()
-    cases = parity_dims(source.info)
-    feeds = [spec.sample_inputs(d, source.info, seed=i) for i, d in enumerate(cases)]
-    model = wrappers.wrap(spec.name, source.load(MODULE_OF[spec.name]))
+    module = source.load(MODULE_OF[name])
+    config = module_config(module)
+    if name in interop.TEXT_ENCODERS:
+        layers = list(info.text_layers) + [0] * (len(info.text_hidden) - len(info.text_layers))
+        layers[interop.TEXT_ENCODERS.index(name)] = wrappers.text_layers(module)
+        info = dataclasses.replace(info, text_layers=tuple(layers))
+    spec = component_specs(info)[name]
+    model = wrappers.wrap(name, module)
+    del module
+    cases = parity_dims(info)
+    feeds = [spec.sample_inputs(d, info, seed=i) for i, d in enumerate(cases)]
     with torch.no_grad():
         refs = [_run_torch(model, spec, f) for f in feeds]
     keys = fingerprint(lora_weights(model, spec.name))
@@ -127,7 +154,30 @@ def export_component(
         "weights_unmapped": unmapped,
         "export_seconds": round(seconds, 2),
     }
-    return record, mapping
+    return Exported(record, mapping, config, info)
+
+
+def module_config(module) -> dict:
+    """The config.json `save_pretrained` would write for a diffusers model or a transformers model (JSON types)."""
+    if hasattr(module, "to_json_string") and hasattr(module, "save_config"):  # diffusers ConfigMixin
+        config = json.loads(module.to_json_string())
+        config.pop("_name_or_path", None)
+        return config
+    config = json.loads(module.config.to_json_string(use_diff=False))
+    config["architectures"] = [type(module).__name__]
+    return config
+
+
+def _source_index(source: Source) -> dict | None:
+    """The source folder's own model_index.json (None for presets: one is made from the configs)."""
+    path = source.path / interop.INDEX if source.path else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise SourceError(f"{path} is not valid JSON; the model folder is corrupt") from None
+    return index if isinstance(index, dict) else None
 
 
 def _run_torch(model, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from diffkiln.weight_map import torch_name  # noqa: F401 (re-exported: the torch side names weights with it)
+
 
 class TextEncoder(torch.nn.Module):
-    """input_ids (B, 77) → (last_hidden_state, pooler_output, penultimate_hidden_state); with a projection
-    (SDXL's encoder 2) → (text_embeds, last_hidden_state, penultimate_hidden_state)."""
+    """input_ids (B, 77) → (last_hidden_state, pooler_output, hidden_states.0 … hidden_states.L,
+    penultimate_hidden_state); with a projection (SDXL's encoder 2) → (text_embeds, last_hidden_state,
+    hidden_states.0 … L, penultimate_hidden_state). hidden_states.i (B, 77, D) is transformers' `hidden_states[i]`:
+    0 the token + position embeddings, L the last layer before the final layer norm."""
 
     def __init__(self, model, with_projection: bool):
         super().__init__()
@@ -16,10 +20,15 @@ class TextEncoder(torch.nn.Module):
 
     def forward(self, input_ids):
         out = self.model(input_ids=input_ids, output_hidden_states=True, return_dict=True)
-        penultimate = out.hidden_states[-2]  # (B, 77, D)
-        if self.with_projection:
-            return out.text_embeds, out.last_hidden_state, penultimate
-        return out.last_hidden_state, out.pooler_output, penultimate
+        states = tuple(out.hidden_states)  # L + 1 of (B, 77, D)
+        first = (out.text_embeds, out.last_hidden_state) if self.with_projection else (out.last_hidden_state,)
+        pooled = () if self.with_projection else (out.pooler_output,)
+        return (*first, *pooled, *states, states[-2])
+
+
+def text_layers(model) -> int:
+    """L, the transformer layers of a CLIP text model (its hidden_states has L + 1 entries)."""
+    return int(model.config.num_hidden_layers)
 
 
 class UNet(torch.nn.Module):
@@ -64,13 +73,3 @@ def wrap(component: str, model) -> torch.nn.Module:
     if component == "vae_encoder":
         return VaeEncoder(model)
     return TextEncoder(model, with_projection=component == "text_encoder_2")
-
-
-def torch_name(component: str, name: str) -> str:
-    """The parameter name as checkpoints and LoRA files spell it, whatever the library version: the wrapper's
-    `model.` prefix removed, and CLIP weights under `text_model.` (transformers 5 flattened CLIPTextModel)."""
-    if component in ("unet", "text_encoder", "text_encoder_2"):
-        name = name.removeprefix("model.")
-    if component.startswith("text_encoder") and not name.startswith(("text_model.", "text_projection.")):
-        name = "text_model." + name
-    return name

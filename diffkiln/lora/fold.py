@@ -75,7 +75,7 @@ def fold_loras(
             rewritten = [c for c in manifest["components"] if c in plan or c in tokens or not same_disk]
             w.check_space(kiln.components_bytes(kiln_dir, rewritten))
         record = {
-            "base": {"path": str(kiln_dir.resolve()), "manifest_sha256": kiln.file_sha256(kiln_dir / kiln.MANIFEST)},
+            "base": {"path": str(kiln_dir.resolve()), "manifest_sha256": kiln.manifest_sha256(kiln_dir)},
             "loras": lora_records,
             "embeddings": embedding_records,
         }
@@ -99,7 +99,7 @@ def fold_loras(
                         for f in (kiln_dir / name).iterdir():
                             link_or_copy(f, dst / f.name)
                 if w:
-                    _write_rest(kiln_dir, w, manifest, tokens, components, graphs, record)
+                    _write_rest(kiln_dir, w, manifest, tokens, components, graphs, record, weight_map)
                 if payload:
                     payload.close()
         except BaseException:
@@ -176,7 +176,14 @@ def _folded(base: np.ndarray, contributions: list[Contribution]) -> np.ndarray:
 
 
 def _write_rest(
-    kiln_dir: Path, w: kiln.StageWriter, manifest: dict, tokens: Tokens, components: dict, graphs: GraphCache, record
+    kiln_dir: Path,
+    w: kiln.StageWriter,
+    manifest: dict,
+    tokens: Tokens,
+    components: dict,
+    graphs: GraphCache,
+    record,
+    weight_map: dict,
 ) -> None:
     """Tokenizers (with new tokens), scheduler, weight map, other top-level files, and the updated manifest."""
     new = copy.deepcopy(manifest)
@@ -191,6 +198,8 @@ def _write_rest(
     for f in kiln_dir.iterdir():
         if f.is_file() and not f.is_symlink() and f.name != kiln.MANIFEST and not f.name.startswith("."):
             shutil.copy2(f, w.tmp / f.name)
+    if not (w.tmp / kiln.WEIGHT_MAP).exists():  # an optimum base has none: keep the map read off its graphs
+        kiln.write_json(w.tmp / kiln.WEIGHT_MAP, weight_map)
     for name in components:
         files = new["components"][name]["files"]
         written = graphs.get(name).written  # new files and their hashes; the rest are links to the base's

@@ -3,6 +3,10 @@
 numpy + ONNX Runtime only. Classifier-free guidance runs the UNet once per step on the batch
 [uncond; cond] (2·B rows) and combines `uncond + g · (cond − uncond)`; with g ≤ 1 the uncond half is skipped.
 
+Every feed is conformed to the graph's recorded contract (`_conform`): an optimum folder's text encoders take
+int64 ids and its UNet one scalar timestep for all rows, and SDXL reads its penultimate state from
+`hidden_states.{L-1}` there (specs.penultimate_output); diffkiln's own graphs take the feeds as they are.
+
 Randomness: initial noise is `numpy.random.default_rng(seed).standard_normal((B, 4, h, w), float32)`; ancestral
 and LCM samplers draw their per-step noise from the same Generator after it. Pass `latents` to start from
 given noise instead (what `diffusers` takes as `latents=`), and deterministic samplers then reproduce its image.
@@ -25,7 +29,7 @@ from diffkiln.runtime import schedulers
 from diffkiln.runtime.prompts import expand_prompt, multi_vector_tokens
 from diffkiln.runtime.runners import OrtRunner, Runner
 from diffkiln.runtime.tokenizer import ClipTokenizer
-from diffkiln.specs import VAE_SCALE
+from diffkiln.specs import VAE_SCALE, PipelineInfo, penultimate_output
 
 MAX_STEPS = 1000
 MAX_BATCH = 64
@@ -114,6 +118,7 @@ class Pipeline:
         self.manifest = kiln.read_manifest(self.kiln_dir)
         self.info = self.manifest["pipeline"]
         self.sdxl = self.info["kind"] == "sdxl"
+        self.contract = PipelineInfo.from_json(self.info)
         encoders = ["text_encoder", "text_encoder_2"] if self.sdxl else ["text_encoder"]
         for name in [*encoders, "unet", "vae_decoder"]:
             _require(self.kiln_dir, self.manifest, name)
@@ -127,6 +132,7 @@ class Pipeline:
         self.scheduler_config = _read_scheduler(self.kiln_dir, self.manifest)
         self.runner_factory = runner_factory
         self.runners: dict[str, Runner] = {}
+        self.input_types: dict[str, dict[str, tuple[str, int]]] = {}  # component → {input: (dtype, rank)}
         try:
             for name in [*encoders, "unet", "vae_decoder"]:
                 self._load(name)
@@ -138,10 +144,16 @@ class Pipeline:
         """Start the runner of one component and check its graph takes and gives what the contract names (a
         swapped or foreign model.onnx is caught here, not as a shape error deep in a step)."""
         path = kiln.model_path(self.kiln_dir, name)
-        with library_errors(f"cannot load {path}", "re-export or re-download the kiln dir"):
+        fix = "re-export or re-download the kiln dir (a graph optimized for CUDA needs --device cuda)"
+        with library_errors(f"cannot load {path}", fix):
             runner = self.runner_factory(path).activate()
         self.runners[name] = runner
         contract = self.manifest["components"][name].get("contract", {})
+        self.input_types[name] = {
+            t["name"]: (t.get("dtype"), len(t.get("shape", ())))
+            for t in contract.get("inputs", [])
+            if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
         for kind in ("inputs", "outputs"):
             wanted = {t.get("name") for t in contract.get(kind, []) if isinstance(t, dict)}
             have = set(getattr(runner, f"{kind[:-1]}_names", wanted))
@@ -159,6 +171,7 @@ class Pipeline:
         return f"{unet.name} {hint}" if hint else unet.name
 
     def _infer(self, name: str, feeds: dict) -> dict:
+        feeds = _conform(feeds, self.input_types.get(name, {}))
         with library_errors(f"{name} failed in {self.runners[name].name}", "check the kiln dir and the settings"):
             return self.runners[name].infer(feeds)
 
@@ -240,11 +253,11 @@ class Pipeline:
         prompt, negative = (expand_prompt(p, self.multi_vector) for p in (prompt, negative))
         n = max(t.n_chunks([prompt, negative]) for t in self.tokenizers)
         hidden, pooled = [], None
-        for name, tokenizer in zip(["text_encoder", "text_encoder_2"], self.tokenizers, strict=False):
+        for i, (name, tokenizer) in enumerate(zip(["text_encoder", "text_encoder_2"], self.tokenizers, strict=False)):
             cond, uncond = tokenizer.encode_pair([prompt], [negative], min_chunks=n)  # [1, n, 77] each
             ids = np.concatenate([uncond, cond]) if cfg else cond
             out = self._infer(name, {"input_ids": ids.reshape(-1, tok.model_max_length)})
-            key = "penultimate_hidden_state" if self.sdxl else "last_hidden_state"
+            key = penultimate_output(self.contract, i) if self.sdxl else "last_hidden_state"
             states = out[key].reshape(len(ids), -1, out[key].shape[-1])  # [rows, n·77, D]
             hidden.append(states)
             if name == "text_encoder_2":
@@ -310,6 +323,25 @@ def _require(kiln_dir: Path, manifest: dict, component: str) -> None:
         raise KilnError(
             f"{kiln_dir} has no {component}; re-export it with `diffkiln export SOURCE -o {kiln_dir} --force`"
         )
+
+
+_DTYPES = {"float32", "float16", "int32", "int64"}
+
+
+def _conform(feeds: dict[str, np.ndarray], types: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:
+    """Each feed in the dtype and rank its graph records: [B] of one value → a scalar where the graph takes one
+    (optimum's timestep), int32 ids → int64 (optimum's input_ids). Feeds that already fit pass untouched."""
+    out = {}
+    for name, value in feeds.items():
+        dtype, rank = types.get(name, (None, value.ndim))
+        if rank == 0 and value.ndim == 1:
+            if not (value == value[0]).all():
+                raise DiffkilnError(f"this kiln's graphs take one {name} for every row; these rows differ")
+            value = value[0, ...]
+        if dtype in _DTYPES and value.dtype != dtype:
+            value = value.astype(dtype)
+        out[name] = value
+    return out
 
 
 def _initial_noise(latents: np.ndarray | None, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
