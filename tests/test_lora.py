@@ -178,7 +178,8 @@ def test_sd15_fold_matches_diffusers(sd15_kiln, tmp_path):
         assert all(diff(got[k], refs[c][k]).rel <= MAX_REL_ERR for k in refs[c]), c
         gc.collect()
         (before,) = run_onnx(sd15_kiln, c, inputs[c])
-        assert all(diff(before[k], refs[c][k]).rel > 1e-3 for k in refs[c]), c
+        touched = [k for k in refs[c] if k != "hidden_states.0"]  # the embeddings: no LoRA touches them
+        assert all(diff(before[k], refs[c][k]).rel > 1e-3 for k in touched), c
 
 
 def test_external_data_kilns_fold_like_embedded_ones(tiny_kiln, tmp_path):

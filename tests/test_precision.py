@@ -279,3 +279,23 @@ def test_smoothquant_is_exact_in_fp32_and_only_touches_linear_inputs(demo_kiln, 
     smoothed = {c for consumers, _k in plan.values() for c in consumers}
     assert not any(c.endswith(("attn1/MatMul", "attn1/MatMul_1")) for c in smoothed)
     assert smoothed <= {n.name for n in nodes if n.op_type == "MatMul"}
+
+
+def test_fp16_io_kiln_runs_in_the_runtime(demo_kiln, tmp_path):
+    """--fp16-io: the UNet takes and gives fp16, the manifest says so, and the runtime casts at the border."""
+    from diffkiln.bench.fidelity import psnr
+    from diffkiln.bench.precision import generate_all
+
+    out = tmp_path / "fp16io"
+    options = PrecisionOptions(fp16_io=True)
+    optimize_with_calibration(demo_kiln, "tensorrt", "fp16", out=out, count=2, components=["unet"], options=options)
+    model = graph(out)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    contract = json.loads((out / "manifest.json").read_text())["components"]["unet"]["contract"]
+    assert {t["dtype"] for t in contract["inputs"]} == {"float16"}
+    report = json.loads((out / PRECISION_REPORT).read_text())["components"]["unet"]
+    assert report["fidelity"]["psnr_db"] > 60  # scored on fp16-cast held-back inputs
+    captions = ["a small red circle on a blue background, top left", "a large yellow square, center"]
+    ref = generate_all(demo_kiln, None, captions, 20, quiet)
+    got = generate_all(out, None, captions, 20, quiet)
+    assert min(psnr(a, b) for a, b in zip(got, ref, strict=True)) >= 35

@@ -156,6 +156,11 @@ def _optimize_into(
                 name, dst.parent, stamp["precision"], stamp["target"], feeds[name], options, component_recipe, log
             )
             component_precision = stamp["precision"]
+            if options.fp16_io and component_precision == "fp16":  # the runtime casts feeds to what this records
+                for tensor in [*new_manifest["components"][name]["contract"].get("inputs", []),
+                               *new_manifest["components"][name]["contract"].get("outputs", [])]:  # fmt: skip
+                    if tensor.get("dtype") == "float32":
+                        tensor["dtype"] = "float16"
             weight_map.pop(name, None)  # converted weights no longer match the source's by value: no refit map
         report["components"][name] = record
         new_manifest["components"][name].update(

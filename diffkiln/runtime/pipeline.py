@@ -173,7 +173,9 @@ class Pipeline:
     def _infer(self, name: str, feeds: dict) -> dict:
         feeds = _conform(feeds, self.input_types.get(name, {}))
         with library_errors(f"{name} failed in {self.runners[name].name}", "check the kiln dir and the settings"):
-            return self.runners[name].infer(feeds)
+            outputs = self.runners[name].infer(feeds)
+        # graphs built with fp16 I/O (optimize --fp16-io) hand back fp16: the loop itself runs in fp32
+        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in outputs.items()}
 
     def close(self) -> None:
         for runner in self.runners.values():

@@ -73,7 +73,9 @@ def split(feeds: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def outputs_on(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
     session = session_from_onnx(path, OrtOptions(optimization="all"))
-    result = [session.run(None, f) for f in feeds]
+    half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}  # an --fp16-io graph
+    cast = [{k: v.astype(np.float16) if k in half else v for k, v in f.items()} for f in feeds]
+    result = [[np.asarray(o, dtype=np.float32) for o in session.run(None, f)] for f in cast]
     del session
     gc.collect()
     return result
@@ -110,16 +112,13 @@ def apply(
             record = fp16.to_fp16(
                 src, work / "model.onnx", calib, save_onnx, data_max=options.data_max, fp16_io=options.fp16_io, log=log
             )
-            if options.fp16_io:
-                reference = None  # fp16 inputs: scored by the pipeline, not here
         else:
             record = _int8(src, work, target, calib, held, reference, options, recipe, log)
-        if reference is not None:
-            record["fidelity"] = score(work / "model.onnx", held, reference)
-            psnr = record["fidelity"]["psnr_db"]
-            log(f"{name}: {precision} output PSNR {psnr:.1f} dB against fp32 on {len(held)} held-back inputs")
-            if not math.isfinite(psnr):
-                raise ParityError(f"{name} in {precision} gives non-finite outputs on real inputs; keep it in fp32")
+        record["fidelity"] = score(work / "model.onnx", held, reference)
+        psnr = record["fidelity"]["psnr_db"]
+        log(f"{name}: {precision} output PSNR {psnr:.1f} dB against fp32 on {len(held)} held-back inputs")
+        if not math.isfinite(psnr):
+            raise ParityError(f"{name} in {precision} gives non-finite outputs on real inputs; keep it in fp32")
         record.update(precision=precision, calibration_inputs=len(calib), held_back_inputs=len(held))
         shutil.rmtree(folder)
         work.rename(folder)

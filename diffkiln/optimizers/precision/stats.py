@@ -90,8 +90,10 @@ def amax_per_sample(
         with library_errors(f"ONNX Runtime cannot run {path} for calibration", "re-export the kiln dir"):
             session = session_from_onnx(augmented, OrtOptions(optimization="basic"))
             outputs = [n + SUFFIX for n in names]
+            half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}  # an --fp16-io graph
             rows = []
             for i, feed in enumerate(feeds):
+                feed = {k: v.astype(np.float16) if k in half else v for k, v in feed.items()}
                 rows.append([np.asarray(v, dtype=np.float64) for v in session.run(outputs, feed)])
                 if (i + 1) % 10 == 0 or i + 1 == len(feeds):
                     log(f"  calibration: {i + 1}/{len(feeds)} samples")
