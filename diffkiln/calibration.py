@@ -22,8 +22,8 @@ DEMO_CAPTIONS_SEED = 1  # training captions for the demo model: never the held-o
 
 def default_prompts(kiln_dir: Path, count: int) -> list[str]:
     """The shipped prompt file, or for the demo model `count` of its training captions."""
-    from diffkiln.bench.fidelity import is_demo_model
-    from diffkiln.kiln_reader import read_manifest
+    from diffkiln.kiln import read_manifest
+    from diffkiln.models import is_demo_model
 
     manifest = read_manifest(kiln_dir, check_files=False)
 

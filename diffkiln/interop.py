@@ -83,28 +83,16 @@ def _architecture(config: dict | None, default: str) -> str:
     return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else default
 
 
-def write_files(folder: Path, manifest: dict) -> dict:
-    """Write `model_index.json` and every component's `config.json` into the staged kiln dir `folder`; returns the
-    manifest with its `interop` record (made from the pipeline block when it had none) and the file records of
-    any config.json it lists refreshed. Files are replaced, never written through (a stage may have hard-linked
-    the base kiln's)."""
-    from diffkiln.kiln import write_json  # kiln imports this module's readers: import the writer late
-
+def files(manifest: dict, components_present: set[str]) -> tuple[dict, dict[str, dict]]:
+    """(the `interop` record — the manifest's own, or one made from its pipeline block —, {relative path: JSON}
+    for `model_index.json` and the `config.json` of every component in `components_present`). The stage writer
+    writes them (kiln.StageWriter.finish): this module builds content and reads optimum folders, never writes."""
     record = manifest.get("interop") or fallback_block(manifest)
-    write_json(folder / INDEX, record["model_index"])
-    components = {**manifest["components"]}
-    for name in components:
-        if not (folder / name).is_dir():
-            continue
-        path = folder / name / CONFIG
-        write_json(path, record["configs"].get(name) or fallback_config(name, manifest))
-        files = components[name].get("files", {})
-        if CONFIG in files:
-            from diffkiln.kiln import file_sha256
-
-            files = {**files, CONFIG: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}}
-            components[name] = {**components[name], "files": files}
-    return {**manifest, "components": components, "interop": record}
+    out = {INDEX: record["model_index"]}
+    for name in manifest["components"]:
+        if name in components_present:
+            out[f"{name}/{CONFIG}"] = record["configs"].get(name) or fallback_config(name, manifest)
+    return record, out
 
 
 def fallback_block(manifest: dict) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from diffkiln import interop
 from diffkiln.errors import DISK_FULL, KilnError, OutputError
-from diffkiln.kiln_reader import MANIFEST, WEIGHT_MAP, inside
+from diffkiln.kiln_reader import MANIFEST, WEIGHT_MAP, check_paths, inside, sha256_of, validate
 from diffkiln.kiln_reader import read_manifest as _read_manifest
 from diffkiln.kiln_reader import read_weight_map as _read_weight_map
 
@@ -47,10 +47,18 @@ def model_path(kiln: Path, component: str) -> Path:
     return kiln / component / "model.onnx"
 
 
-def read_manifest(kiln_dir: Path) -> dict:
+def read_manifest(kiln_dir: Path, *, check_files: bool = True) -> dict:
     """The kiln dir's manifest, validated and with every path it names confined (see kiln_reader); an optimum
-    ONNX folder's is made from its configs and graphs (interop.py)."""
-    return _read_manifest(kiln_dir)
+    ONNX folder's is made from its configs and graphs (interop.py), then checked the same way."""
+    kiln_dir = Path(kiln_dir)
+    bare = kiln_dir.is_dir() and not (kiln_dir / MANIFEST).exists() and not (kiln_dir / MANIFEST).is_symlink()
+    if bare and interop.is_optimum_dir(kiln_dir):
+        manifest = interop.optimum_manifest(kiln_dir)
+        validate(manifest, kiln_dir / interop.INDEX)
+        if check_files:
+            check_paths(kiln_dir, manifest)
+        return manifest
+    return _read_manifest(kiln_dir, check_files=check_files)
 
 
 def is_kiln_dir(path: Path) -> bool:
@@ -64,7 +72,7 @@ def manifest_sha256(kiln_dir: Path) -> str:
     the manifest made from it (which changes with any file's size or modification time)."""
     path = Path(kiln_dir) / MANIFEST
     if not path.exists() and interop.is_optimum_dir(kiln_dir):
-        blob = json.dumps(_read_manifest(kiln_dir, check_files=False), sort_keys=True).encode()
+        blob = json.dumps(read_manifest(kiln_dir, check_files=False), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
     return file_sha256(path)
 
@@ -76,7 +84,7 @@ def read_weight_map(kiln_dir: Path) -> dict:
     if not (kiln_dir / WEIGHT_MAP).exists() and interop.is_optimum_dir(kiln_dir):
         from diffkiln.weight_map import map_from_graph
 
-        manifest = _read_manifest(kiln_dir)
+        manifest = read_manifest(kiln_dir)
         return {name: map_from_graph(model_path(kiln_dir, name), name) for name in manifest["components"]}
     return _read_weight_map(kiln_dir)
 
@@ -92,11 +100,7 @@ def file_sha256(path: Path) -> str:
     path = Path(path)
     if path.name == MANIFEST and not path.exists() and interop.is_optimum_dir(path.parent):
         return manifest_sha256(path.parent)  # stages that stamp `KILN/manifest.json` read optimum folders too
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_of(path)
 
 
 def file_records(folder: Path) -> dict[str, dict]:
@@ -271,11 +275,27 @@ class StageWriter:
         the manifest as written."""
         for name, report in (reports or {}).items():
             write_json(self.tmp / name, report)
-        manifest = interop.write_files(self.tmp, manifest)
+        manifest = self._write_interop(manifest)
         manifest = {**manifest, "stage": {"name": self.stage, "stamp": self.stamp}}
         write_json(self.tmp / MANIFEST, manifest)
         self._finished = True
         return manifest
+
+    def _write_interop(self, manifest: dict) -> dict:
+        """model_index.json and each component's config.json (what optimum & co. read), replaced rather than
+        written through (a stage may have hard-linked the base kiln's); config records in the manifest refreshed."""
+        present = {name for name in manifest["components"] if (self.tmp / name).is_dir()}
+        record, contents = interop.files(manifest, present)
+        components = dict(manifest["components"])
+        for rel, data in contents.items():
+            path = self.tmp / rel
+            write_json(path, data)  # write_json replaces by rename: a hard link is never written through
+            name = rel.split("/")[0]
+            files = components.get(name, {}).get("files", {}) if "/" in rel else {}
+            if interop.CONFIG in files:
+                files = {**files, interop.CONFIG: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}}
+                components[name] = {**components[name], "files": files}
+        return {**manifest, "components": components, "interop": record}
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:

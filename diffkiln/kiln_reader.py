@@ -11,13 +11,15 @@ A kiln dir is something users download and unpack from others, like a checkpoint
   by scanning the protobuf wire format *before* onnx or ONNX Runtime open the file (both follow locations).
 
 A folder without `manifest.json` that `optimum-cli export onnx` wrote (model_index.json + unet/model.onnx) is
-read as a kiln dir too: interop.py makes its manifest from its configs and graphs, then it is checked like any.
+read as a kiln dir too: interop.py makes its manifest from its configs and graphs, then it is checked like any
+(`kiln.read_manifest` dispatches; this module knows only diffkiln's own layout).
 
 Anything else is a one-line KilnError naming the entry. Pure Python: the slim runtime reads kilns through this.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
@@ -82,14 +84,6 @@ def read_manifest(kiln_dir: Path, *, check_files: bool = True) -> dict:
     if not kiln_dir.is_dir():
         raise KilnError(f"no such kiln directory: {kiln_dir}; create one with `diffkiln export SOURCE -o {kiln_dir}`")
     if not path.is_file() and not path.is_symlink():
-        from diffkiln import interop  # an optimum folder: its manifest is made from its configs and graphs
-
-        if interop.is_optimum_dir(kiln_dir):
-            manifest = interop.optimum_manifest(kiln_dir)
-            validate(manifest, kiln_dir / interop.INDEX)
-            if check_files:
-                check_paths(kiln_dir, manifest)
-            return manifest
         raise KilnError(
             f"{kiln_dir} has no {MANIFEST}; it is not a kiln directory (run `diffkiln export` first) nor an "
             "optimum ONNX folder (model_index.json + unet/model.onnx)"
@@ -105,6 +99,15 @@ def read_manifest(kiln_dir: Path, *, check_files: bool = True) -> dict:
     if check_files:
         check_paths(kiln_dir, manifest)
     return manifest
+
+
+def sha256_of(path: Path) -> str:
+    """A file's sha256, streamed (weights never sit in memory whole)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_weight_map(kiln_dir: Path) -> dict:

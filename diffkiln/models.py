@@ -14,6 +14,15 @@ from diffkiln.errors import DiffkilnError, SourceError
 DEFAULT_MODEL = "demo"  # the trained demo model shipped in diffkiln/assets/demo (tools/train_demo.py)
 
 
+def is_demo_model(*refs: str | None) -> bool:
+    """True when any of `refs` (what the user passed, the source behind it) is diffkiln's demo model: the only
+    model whose images the prompt-adherence evaluator can judge, and whose calibration uses its training captions."""
+    from diffkiln.exporter.sources import BUNDLED
+
+    demo = BUNDLED["demo"]
+    return any(ref and (ref == "demo" or Path(ref).expanduser().resolve() == demo) for ref in refs)
+
+
 def cache_dir() -> Path:
     """$DIFFKILN_CACHE, else $XDG_CACHE_HOME/diffkiln, else ~/.cache/diffkiln."""
     if os.environ.get("DIFFKILN_CACHE"):
@@ -58,7 +67,7 @@ def export_to_cache(ref: str, force: bool = False, log=print, arch: str | None =
 def _open(ref: str, arch: str | None):
     """open_source, except that a single file whose arch its keys cannot tell (SD 2.x: 512 px noise or 768 px
     v-prediction) is told how to give one: `run -m` and cache exports take no --arch, `export -o` does."""
-    from diffkiln.exporter.sources import open_source
+    from diffkiln.exporter.resolve import open_source
 
     try:
         return open_source(ref, arch)

@@ -7,8 +7,6 @@ an 11-tap gaussian window, K1 = 0.01, K2 = 0.03, data range 1, the map averaged 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -55,15 +53,6 @@ def compare(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         "ssim": float(np.mean([ssim(a, b) for a, b in zip(images, reference, strict=True)])),
         "max_abs_diff_255": float(np.max(np.abs(images - reference)) * 255),
     }
-
-
-def is_demo_model(*refs: str | None) -> bool:
-    """True when any of `refs` (what the user passed, the source behind it) is diffkiln's demo model: the only
-    model whose images the prompt-adherence evaluator can judge."""
-    from diffkiln.exporter.sources import BUNDLED
-
-    demo = BUNDLED["demo"]
-    return any(ref and (ref == "demo" or Path(ref).expanduser().resolve() == demo) for ref in refs)
 
 
 def adherence(images: np.ndarray, captions: list[str]) -> dict[str, float | None]:

@@ -16,7 +16,8 @@ def _meta_modules(source_ref: str) -> dict:
     """{text_encoder[, text_encoder_2], unet, vae} built on the meta device from the source's configs."""
     import torch
 
-    from diffkiln.exporter.sources import PresetSource, open_source
+    from diffkiln.exporter.resolve import open_source
+    from diffkiln.exporter.sources import PresetSource
 
     source = open_source(source_ref)
     names = (

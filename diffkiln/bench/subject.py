@@ -43,7 +43,7 @@ def resolve(ref: str) -> Subject:
     path = Path(ref).expanduser()
     if kiln.is_kiln_dir(path):
         return _from_kiln(ref, path)
-    from diffkiln.exporter.sources import open_source  # no torch at import; a folder's headers are checked
+    from diffkiln.exporter.resolve import open_source  # no torch at import; a folder's headers are checked
 
     source = open_source(ref)
     return Subject(ref, source.info, source.ref, None, None)

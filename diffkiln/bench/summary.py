@@ -17,6 +17,7 @@ from diffkiln.bench import fidelity
 from diffkiln.bench.measure import stats
 from diffkiln.bench.paths import REFERENCE
 from diffkiln.bench.session import PathRun
+from diffkiln.models import is_demo_model
 
 
 def latency(samples: list[dict]) -> dict:
@@ -85,7 +86,7 @@ def fidelity_against(run: PathRun, reference: PathRun | None, deterministic: boo
 
 def adherence_scores(runs: list[PathRun], prompts: tuple[str, ...], refs: tuple[str | None, ...]) -> dict:
     """Prompt adherence per path (demo model only: `refs` are the model's ref and source), or why there is none."""
-    if not fidelity.is_demo_model(*refs):
+    if not is_demo_model(*refs):
         return {"reason": "n/a: prompt adherence is scored for the demo model only"}
     scores = {}
     for run in runs:

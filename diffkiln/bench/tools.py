@@ -52,7 +52,7 @@ class ToolsBackend:
 
     def op_source_matches(self, source_ref: str, fingerprint: str) -> bool:
         """Whether the source still has the weights the kiln directory was exported from."""
-        from diffkiln.exporter.sources import open_source
+        from diffkiln.exporter.resolve import open_source
 
         return open_source(source_ref).fingerprint() == fingerprint
 

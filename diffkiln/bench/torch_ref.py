@@ -34,7 +34,7 @@ def build_pipeline(source_ref: str, scheduler: str):
     import diffusers
     import torch
 
-    from diffkiln.exporter.sources import open_source
+    from diffkiln.exporter.resolve import open_source
 
     source = open_source(source_ref)
     if source.kind == "folder":

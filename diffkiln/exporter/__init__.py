@@ -3,7 +3,7 @@ onnx only when an export runs (`diffkiln run` resolves a cached source's fingerp
 
 import importlib
 
-_WHERE = {"ExportOptions": "kiln_export", "export": "kiln_export", "open_source": "sources"}
+_WHERE = {"ExportOptions": "kiln_export", "export": "kiln_export", "open_source": "resolve"}
 __all__ = sorted(_WHERE)
 
 
