@@ -12,7 +12,7 @@ this one process on the same inputs: a warm-up call, then `--runs` timed calls; 
                 (`--openvino f32,bf16`; skipped when openvino is not installed)
 `--int8` adds diffkiln's int8 UNets (`optimize --precision int8`, calibrated here on 10 seeded sample inputs
 at the bench shape, 2 of them held back for the PSNR; a UNet-only kiln cannot run the pipeline): ort-int8 (ort-cpu
-target, int8 activations), ort-int8-u8 (uint8 activations: ORT's x86 U8S8 kernels), openvino-int8 and
+target: uint8 activations, ORT's x86 U8S8 kernels), ort-int8-s8 (int8 activations), openvino-int8 and
 openvino-int8-bf16 (the tensorrt target's standard-ONNX graph, OpenVINO with the f32 / bf16 hint for the rest).
 `--profile` adds ONNX Runtime's per-op-type time for one call of each ORT path (where the time goes).
 Efficiency: the UNet's FLOPs are counted once (torch's FlopCounterMode) and each path's achieved GFLOP/s is set
@@ -143,8 +143,8 @@ def main() -> None:
         spec = component_specs(info)["unet"]
         calib = [spec.sample_inputs(dims(args.batch, args.size // 8, args.size // 8), info, seed=s) for s in range(10)]
         builds = [
-            ("ort-int8", "ort-cpu", "int8"),
-            ("ort-int8-u8", "ort-cpu", "uint8"),
+            ("ort-int8", "ort-cpu", None),
+            ("ort-int8-s8", "ort-cpu", "int8"),
             ("int8-std", "tensorrt", "int8"),
         ]
         for name, target, activations in builds:
@@ -159,7 +159,7 @@ def main() -> None:
             psnr = report["fidelity"]["psnr_db"]
             print(f"{name}: built in {time.perf_counter() - start:.0f} s, held-back UNet PSNR {psnr:.1f} dB")
             int8_paths[name] = kiln.model_path(out, "unet")
-        paths["ort-int8"], paths["ort-int8-u8"] = int8_paths["ort-int8"], int8_paths["ort-int8-u8"]
+        paths["ort-int8"], paths["ort-int8-s8"] = int8_paths["ort-int8"], int8_paths["ort-int8-s8"]
 
     peak = gemm_peak_gflops()
     print(f"fp32 GEMM peak: {peak:.0f} GFLOP/s")

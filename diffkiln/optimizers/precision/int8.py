@@ -2,8 +2,10 @@
 ONNX Runtime and OpenVINO fold into their int8 kernels).
 
 Pattern: the activation input and the constant weight of every Conv, MatMul and Gemm whose weight is an
-initializer get Q/DQ — symmetric int8, zero point 0; weights per channel (Conv/Gemm axis 0, MatMul the output
-axis 1), activations per tensor with one shared Q/DQ per tensor (the q/k/v projections' common input gets one).
+initializer get Q/DQ — weights symmetric int8, zero point 0, per channel (Conv/Gemm axis 0, MatMul the output
+axis 1); activations per tensor with one shared Q/DQ per tensor (the q/k/v projections' common input gets one),
+symmetric int8 (zero point 0, TensorRT's only form) or, for ONNX Runtime's x86 kernels, uint8 centred on 128;
+for ONNX Runtime also the Conv outputs (its QLinearConv needs them).
 Never: a MatMul of two activations (attention's QKᵀ and ·V: INT8 attention is not a TensorRT path, and no Q/DQ
 touches Softmax), biases (kept float), node outputs. Not by default (`KEEP`, NVIDIA's SD recipes): the time and
 added embeddings, conv_in, conv_out, conv_shortcut and proj_out, plus whatever `exclude` names.
@@ -65,20 +67,23 @@ def quantize(
     exclude: list[str],
     *,
     activation_type: str = "int8",
+    quantized_outputs: tuple[str, ...] = (),
     log: Callable[[str], None] = lambda _: None,
 ) -> None:
     """Write `src` with Q/DQ into `dst`: `amax` maps each activation tensor to its calibrated max |x|; nodes
-    named in `exclude` stay float."""
+    named in `exclude` stay float. `quantized_outputs`: op types whose outputs get Q/DQ too (ONNX Runtime's CPU
+    int8 Conv, QLinearConv, only forms around a quantized output; its MatMul does without)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     ranges = {}
     for name, value in amax.items():
         value = max(float(value), 1e-8)
-        low = -value if activation_type == "int8" else 0.0 if value >= 0 else -value
-        ranges[name] = TensorData(lowest=np.float32(low), highest=np.float32(value))
+        # |x| ≤ value is all we record: symmetric for int8 (zero point 0), and centred (zero point 128) for uint8
+        ranges[name] = TensorData(lowest=np.float32(-value), highest=np.float32(value))
     model = onnx.load(str(src), load_external_data=False)
-    chosen = [n.name for n in quantizable_nodes(model) if n.name not in set(exclude)]
+    candidates = quantizable_nodes(model)
+    chosen = [n.name for n in candidates if n.name not in set(exclude)]
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     del model
     with tempfile.TemporaryDirectory(prefix=".diffkiln-calib-", dir=dst.parent) as tmp:
@@ -104,11 +109,11 @@ def quantize(
                     "QuantizeBias": False,
                     "MatMulConstBOnly": True,
                     "DedicatedQDQPair": False,
-                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                    "OpTypesToExcludeOutputQuantization": [op for op in QUANTIZED_OPS if op not in quantized_outputs],
                     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                 },
             )
-    log(f"  int8: Q/DQ on {len(chosen)} of the graph's Conv/MatMul/Gemm nodes")
+    log(f"  int8: Q/DQ on {len(chosen)} of {len(candidates)} Conv/MatMul/Gemm nodes with constant weights")
 
 
 def write_json(path: Path, data) -> None:
