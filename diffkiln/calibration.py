@@ -34,11 +34,13 @@ def default_prompts(kiln_dir: Path, count: int) -> list[str]:
     return read_prompts(DEFAULT_PROMPTS)[:count]
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path, what: str = "calibration prompts") -> list[str]:
+    """A prompts file (calibration's, or the bench's --prompts): one prompt per line; blank lines and lines
+    starting with # are ignored."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DiffkilnError(f"cannot read calibration prompts from {path}: {e}") from None
+        raise DiffkilnError(f"cannot read {what} from {path}: {e}") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise DiffkilnError(f"{path} holds no prompts (one per line; # starts a comment)")

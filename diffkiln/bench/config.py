@@ -103,11 +103,6 @@ def jobs(config: BenchConfig, latent_channels: int) -> list[Job]:
 
 def read_prompts(path: Path) -> tuple[str, ...]:
     """A prompts file: one prompt per line; blank lines and lines starting with # are ignored."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DiffkilnError(f"cannot read prompts from {path}: {e}") from None
-    prompts = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    if not prompts:
-        raise DiffkilnError(f"{path} holds no prompts (one per line; # starts a comment)")
-    return prompts
+    from diffkiln.calibration import read_prompts as read  # the one prompts-file reader
+
+    return tuple(read(path, "prompts"))
