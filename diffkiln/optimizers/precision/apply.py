@@ -78,9 +78,7 @@ def split(feeds: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def outputs_on(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
     session = session_from_onnx(path, OrtOptions(optimization="all"))
-    half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}  # an --fp16-io graph
-    cast = [{k: v.astype(np.float16) if k in half else v for k, v in f.items()} for f in feeds]
-    result = [[np.asarray(o, dtype=np.float32) for o in session.run(None, f)] for f in cast]
+    result = [[np.asarray(o, dtype=np.float32) for o in session.run(None, stats.fit_inputs(session, f))] for f in feeds]
     del session
     gc.collect()
     return result

@@ -90,10 +90,9 @@ def amax_per_sample(
         with library_errors(f"ONNX Runtime cannot run {path} for calibration", "re-export the kiln dir"):
             session = session_from_onnx(augmented, OrtOptions(optimization="basic"))
             outputs = [n + SUFFIX for n in names]
-            half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}  # an --fp16-io graph
             rows = []
             for i, feed in enumerate(feeds):
-                feed = {k: v.astype(np.float16) if k in half else v for k, v in feed.items()}
+                feed = fit_inputs(session, feed)
                 rows.append([np.asarray(v, dtype=np.float64) for v in session.run(outputs, feed)])
                 if (i + 1) % 10 == 0 or i + 1 == len(feeds):
                     log(f"  calibration: {i + 1}/{len(feeds)} samples")
@@ -112,6 +111,12 @@ def _reduce_rows(model: onnx.ModelProto, x: str, out: str) -> onnx.NodeProto:
     axes = out + "_axes"
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0]), axes))
     return helper.make_node("ReduceMax", [x, axes], [out], keepdims=0)
+
+
+def fit_inputs(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feed` with fp32 arrays cast to fp16 where the session's graph takes fp16 (an --fp16-io graph)."""
+    half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+    return {k: v.astype(np.float16) if k in half else v for k, v in feed.items()}
 
 
 def over_steps(per_sample: np.ndarray, percentile: float) -> float:
