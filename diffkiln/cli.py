@@ -372,6 +372,38 @@ def run(
 
 
 @main.command()
+@click.argument("kiln_dir", type=click.Path(path_type=Path))
+@click.option("--batch", help="Images per prompt, N or MIN:OPT:MAX (the UNet's CFG batch is twice this).")
+@click.option("--height", help="Image height in pixels, N or MIN:OPT:MAX (default: the kiln's profile).")
+@click.option("--width", help="Image width in pixels, N or MIN:OPT:MAX (default: the kiln's profile).")
+@click.option("--static", is_flag=True, help="min = opt = max shapes (lets the runtime capture CUDA graphs).")
+@click.option("--refit", is_flag=True, help="Refittable engines (LoRA payloads swap weights in place).")
+@click.option("--strip-weights", is_flag=True, help="Weight-stripped plans, refitted from the ONNX at load.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), help="Timing cache shared by every build.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option("--workspace", type=click.FloatRange(0.1, 1024), help="Builder workspace limit in GB.")
+@click.option("--components", help="Comma-separated subset of the kiln's components (default: all).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Engines root (default: KILN_DIR/engines).")
+@click.option("--force", is_flag=True, help="Rebuild even when the engines are up to date.")
+@user_errors
+def build(kiln_dir, batch, height, width, static, refit, strip_weights, timing_cache, opt_level, workspace,
+          components, out, force):  # fmt: skip
+    """Build one TensorRT engine per component of KILN_DIR (strongly typed: the graphs carry their precision)."""
+    from diffkiln.builder.build import BuildRequest
+    from diffkiln.builder.build import build as run_build
+    from diffkiln.builder.profiles import ShapeRequest, parse_range
+    from diffkiln.builder.trt import BuildOptions
+
+    shapes = ShapeRequest(
+        parse_range(batch, "--batch"), parse_range(height, "--height"), parse_range(width, "--width"), static
+    )
+    names = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
+    options = BuildOptions(opt_level, workspace, refit, strip_weights)
+    request = BuildRequest(shapes, options, names, timing_cache, out, force)
+    click.echo(f"wrote {run_build(kiln_dir, request, log=lambda msg: click.echo(msg, err=True))}")
+
+
+@main.command()
 @click.argument("source", required=False)
 @bench_options
 @user_errors

@@ -200,8 +200,13 @@ class StageWriter:
         same_kind: Sequence[str] | None = None,
         wait: bool = False,
         log: Callable = print,
+        manifest_name: str = MANIFEST,
+        reader: Callable[[Path], dict] | None = None,
+        interop_files: bool = True,
     ):
         self.out = check_output_path(out, sources, nested_ok)
+        # a stage whose output is not a kiln dir (engines: engine.json) names its manifest and its reader
+        self.manifest_name, self.reader, self.interop_files = manifest_name, reader, interop_files
         self.stage, self.stamp, self.force, self.same_kind = stage, stamp, force, same_kind
         self.wait, self.log = wait, log
         self.existing: dict | None = None
@@ -225,9 +230,9 @@ class StageWriter:
         if not out.exists() or not any(out.iterdir()):
             return
         try:
-            if not (out / MANIFEST).is_file():  # an optimum folder reads as a kiln dir, but is not ours to replace
-                raise KilnError(f"{out} has no {MANIFEST}")
-            self.existing = _read_manifest(out, check_files=False)
+            if not (out / self.manifest_name).is_file():  # an optimum folder reads as a kiln dir: not ours
+                raise KilnError(f"{out} has no {self.manifest_name}")
+            self.existing = self.reader(out) if self.reader else _read_manifest(out, check_files=False)
         except KilnError:
             n = sum(1 for p in out.rglob("*") if not p.is_dir())
             raise OutputError(
@@ -275,9 +280,10 @@ class StageWriter:
         the manifest as written."""
         for name, report in (reports or {}).items():
             write_json(self.tmp / name, report)
-        manifest = self._write_interop(manifest)
+        if self.interop_files:
+            manifest = self._write_interop(manifest)
         manifest = {**manifest, "stage": {"name": self.stage, "stamp": self.stamp}}
-        write_json(self.tmp / MANIFEST, manifest)
+        write_json(self.tmp / self.manifest_name, manifest)
         self._finished = True
         return manifest
 

@@ -1,0 +1,175 @@
+"""The engine manifest: what a TensorRT engine was built from and for, and the rules that refuse a stale one.
+
+    <engines>/<trt version>-sm<cc>/engine.json + <component>.plan
+
+An engine only runs on the TensorRT version and GPU architecture it was built with, and only means what its
+source graph meant. Peers key engines by file path or name and reuse wrong ones silently; diffkiln records
+everything an engine depends on and `mismatch` names the first thing that differs, with the command that
+rebuilds. Pure Python: the builder writes these records and the runtime (TrtRunner) checks them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffkiln.errors import KilnError
+from diffkiln.kiln_reader import inside
+
+ENGINE_MANIFEST = "engine.json"
+FORMAT = "diffkiln-engines/1"
+PLAN_SUFFIX = ".plan"
+_KEY = re.compile(r"^[0-9][0-9.]*-sm[0-9]{2,3}$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """What an engine is tied to: the TensorRT version that built it and the GPU it was built on."""
+
+    trt_version: str
+    gpu_name: str
+    compute_capability: str  # "8.9"
+
+    @property
+    def key(self) -> str:
+        """The engine folder's name: `10.13.0.35-sm89`."""
+        return engine_key(self.trt_version, self.compute_capability)
+
+
+def engine_key(trt_version: str, compute_capability: str) -> str:
+    major, _, minor = compute_capability.partition(".")
+    return f"{trt_version}-sm{major}{minor or '0'}"
+
+
+def rebuild_command(kiln_dir: Path | str) -> str:
+    return f"diffkiln build {kiln_dir}"
+
+
+def read_engine_manifest(folder: Path) -> dict:
+    """engine.json of an engine folder, validated; every plan it names is confined to the folder."""
+    folder = Path(folder)
+    path = folder / ENGINE_MANIFEST
+    if not path.is_file():
+        raise KilnError(f"{folder} has no {ENGINE_MANIFEST}; build engines with `diffkiln build KILN`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KilnError(f"{path} is not readable JSON ({type(e).__name__}); rebuild with `diffkiln build`") from None
+    _validate(manifest, path)
+    for name, record in manifest["components"].items():
+        plan = inside(folder, record["plan"], f"{ENGINE_MANIFEST} plan of {name!r}")
+        if not plan.is_file():
+            raise KilnError(f"{path}: {record['plan']} is missing; rebuild with `diffkiln build`")
+        if plan.stat().st_size != record["bytes"]:
+            raise KilnError(f"{plan} is not the engine {ENGINE_MANIFEST} records (size differs); rebuild it")
+    return manifest
+
+
+def _validate(manifest, where: Path) -> None:
+    def bad(why: str):
+        raise KilnError(f"{where}: {why}; rebuild with `diffkiln build`")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        bad(f"not a diffkiln engine manifest (format {FORMAT!r} expected)")
+    device = manifest.get("device")
+    if not isinstance(device, dict) or not all(
+        isinstance(device.get(k), str) for k in ("trt_version", "gpu_name", "compute_capability")
+    ):
+        bad("device must record trt_version, gpu_name and compute_capability")
+    components = manifest.get("components")
+    if not isinstance(components, dict) or not components:
+        bad("components must name at least one engine")
+    for name, record in components.items():
+        if not isinstance(record, dict):
+            bad(f"component {name!r} is not a record")
+        if not isinstance(record.get("plan"), str) or not isinstance(record.get("bytes"), int):
+            bad(f"component {name!r} needs plan (a file name) and bytes")
+        if not isinstance(record.get("source_sha256"), str) or not isinstance(record.get("profiles"), dict):
+            bad(f"component {name!r} needs source_sha256 and profiles")
+
+
+def component_record(
+    *, plan: str, size: int, source_sha256: str, precision: str, profiles: dict, refit: bool, stripped: bool
+) -> dict:
+    return {
+        "plan": plan,
+        "bytes": size,
+        "source_sha256": source_sha256,
+        "precision": precision,
+        "profiles": {k: [list(s) for s in v] for k, v in profiles.items()},
+        "refittable": refit,
+        "stripped": stripped,
+    }
+
+
+def engine_manifest(device: Device, kiln_manifest_sha256: str, lora, components: dict, options: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "device": {
+            "trt_version": device.trt_version,
+            "gpu_name": device.gpu_name,
+            "compute_capability": device.compute_capability,
+        },
+        "kiln_manifest_sha256": kiln_manifest_sha256,
+        "lora": lora,
+        "options": options,
+        "components": components,
+    }
+
+
+def mismatch(engine: dict, component: str, *, device: Device, kiln_manifest: dict) -> str | None:
+    """Why the engine of `component` must not run here with this kiln dir, or None. Checks, in order: the
+    TensorRT version, the GPU architecture, that an engine exists, the source graph's sha256 (recorded in the
+    kiln manifest's file records), the precision and the LoRA state."""
+    built = engine["device"]
+    if built["trt_version"] != device.trt_version:
+        return f"built with TensorRT {built['trt_version']}, this is TensorRT {device.trt_version}"
+    if built["compute_capability"] != device.compute_capability:
+        return (
+            f"built for {built['gpu_name']} (sm{built['compute_capability']}), "
+            f"this GPU is {device.gpu_name} (sm{device.compute_capability})"
+        )
+    record = engine["components"].get(component)
+    if record is None:
+        return f"has no {component} engine"
+    files = kiln_manifest.get("components", {}).get(component, {}).get("files", {})
+    source = files.get("model.onnx", {}).get("sha256")
+    if source != record["source_sha256"]:
+        return f"{component} was built from another graph (the kiln's {component}/model.onnx changed since)"
+    precision = kiln_manifest.get("components", {}).get(component, {}).get("precision", "fp32")
+    if record.get("precision", "fp32") != precision:
+        return f"{component} engine is {record.get('precision')}, the kiln's graph is {precision}"
+    if engine.get("lora") != kiln_manifest.get("lora"):
+        return "built with other LoRAs folded in than the kiln dir now holds"
+    return None
+
+
+def check_engine(engine: dict, component: str, *, device: Device, kiln_manifest: dict, kiln_dir: Path) -> None:
+    """Raise KilnError (one line: what differs, the command that rebuilds) when the engine is stale."""
+    if reason := mismatch(engine, component, device=device, kiln_manifest=kiln_manifest):
+        raise KilnError(f"stale engine: {reason}; rebuild with `{rebuild_command(kiln_dir)} --force`")
+
+
+def check_shapes(component: str, profile: dict, feeds_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise KilnError naming the profile's range when a feed's shape lies outside the engine's profile."""
+    for name, shape in feeds_shapes.items():
+        if name not in profile:
+            continue
+        low, _, high = (tuple(s) for s in profile[name])
+        if len(shape) != len(low) or any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)):
+            raise KilnError(
+                f"{component} input {name} has shape {list(shape)}, outside the engine's profile "
+                f"{list(low)}..{list(high)}; rebuild with wider --batch/--height/--width"
+            )
+
+
+def find_engine_dir(engines_root: Path, device: Device) -> Path:
+    """The engine folder for this device under `engines_root`, or a one-line error listing what is there."""
+    folder = Path(engines_root) / device.key
+    if (folder / ENGINE_MANIFEST).is_file():
+        return folder
+    others = sorted(p.name for p in Path(engines_root).glob("*") if _KEY.match(p.name)) if engines_root else []
+    there = f" (it holds engines for {', '.join(others)})" if others else ""
+    raise KilnError(f"{engines_root} has no engines for {device.key}{there}; build them with `diffkiln build`")
