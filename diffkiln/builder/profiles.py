@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffkiln.errors import DiffkilnError
+from diffkiln.specs import VAE_SCALE
 
-VAE_SCALE = 8
 CFG_COMPONENTS = ("unet",)  # components that take [uncond, cond] in one batch
 
 

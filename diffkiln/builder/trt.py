@@ -22,7 +22,9 @@ class BuildOptions:
     strip_weights: bool = False
 
 
-def build_engine(onnx_path: Path, plan_path: Path, profiles: dict, options: BuildOptions, timing_cache: Path | None):
+def write_engine_from_onnx(
+    onnx_path: Path, plan_path: Path, profiles: dict, options: BuildOptions, timing_cache: Path | None
+):
     """Parse `onnx_path`, build with `profiles` ({input: (min, opt, max)}), write the plan; returns its size."""
     import tensorrt as trt
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from diffkiln.builder.trt import BuildOptions, build_engine
+from diffkiln.builder.trt import BuildOptions, write_engine_from_onnx
 from diffkiln.errors import DiffkilnError
 
 
@@ -15,7 +15,7 @@ def main() -> int:
     profiles = {k: tuple(tuple(s) for s in v) for k, v in job["profiles"].items()}
     cache = Path(job["timing_cache"]) if job.get("timing_cache") else None
     try:
-        build_engine(Path(job["onnx"]), Path(job["plan"]), profiles, BuildOptions(**job["options"]), cache)
+        write_engine_from_onnx(Path(job["onnx"]), Path(job["plan"]), profiles, BuildOptions(**job["options"]), cache)
     except DiffkilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
