@@ -119,6 +119,18 @@ def engine_manifest(device: Device, kiln_manifest_sha256: str, lora, components:
     }
 
 
+def graph_facts(kiln_manifest: dict, component: str) -> tuple[str, str]:
+    """(sha256 of the component's model.onnx, its precision) as the kiln manifest records them: what an engine
+    is built from (build.py) and checked against (mismatch), read in one place."""
+    record = kiln_manifest.get("components", {}).get(component, {})
+    sha = record.get("files", {}).get("model.onnx", {}).get("sha256", "")
+    return sha, record.get("precision", kiln_manifest.get("precision", "fp32"))
+
+
+# the StageWriter settings of an engine folder: its manifest is engine.json, read by read_engine_manifest
+WRITER_OPTIONS = {"nested_ok": True, "manifest_name": ENGINE_MANIFEST, "interop_files": False}
+
+
 def mismatch(engine: dict, component: str, *, device: Device, kiln_manifest: dict) -> str | None:
     """Why the engine of `component` must not run here with this kiln dir, or None. Checks, in order: the
     TensorRT version, the GPU architecture, that an engine exists, the source graph's sha256 (recorded in the
@@ -134,11 +146,9 @@ def mismatch(engine: dict, component: str, *, device: Device, kiln_manifest: dic
     record = engine["components"].get(component)
     if record is None:
         return f"has no {component} engine"
-    files = kiln_manifest.get("components", {}).get(component, {}).get("files", {})
-    source = files.get("model.onnx", {}).get("sha256")
+    source, precision = graph_facts(kiln_manifest, component)
     if source != record["source_sha256"]:
         return f"{component} was built from another graph (the kiln's {component}/model.onnx changed since)"
-    precision = kiln_manifest.get("components", {}).get(component, {}).get("precision", "fp32")
     if record.get("precision", "fp32") != precision:
         return f"{component} engine is {record.get('precision')}, the kiln's graph is {precision}"
     if engine.get("lora") != kiln_manifest.get("lora"):
@@ -170,6 +180,6 @@ def find_engine_dir(engines_root: Path, device: Device) -> Path:
     folder = Path(engines_root) / device.key
     if (folder / ENGINE_MANIFEST).is_file():
         return folder
-    others = sorted(p.name for p in Path(engines_root).glob("*") if _KEY.match(p.name)) if engines_root else []
+    others = sorted(p.name for p in Path(engines_root).glob("*") if _KEY.match(p.name))
     there = f" (it holds engines for {', '.join(others)})" if others else ""
     raise KilnError(f"{engines_root} has no engines for {device.key}{there}; build them with `diffkiln build`")

@@ -77,8 +77,8 @@ def _engine_dir(tmp_path, manifest, components=("unet",)):
     out = tmp_path / "engines" / DEVICE.key
     out.parent.mkdir(exist_ok=True)
     records = {}
-    with kiln.StageWriter(out, "build", {"x": 1}, nested_ok=True, manifest_name=engines.ENGINE_MANIFEST,
-                          reader=engines.read_engine_manifest, interop_files=False) as w:  # fmt: skip
+    writer = kiln.StageWriter(out, "build", {"x": 1}, reader=engines.read_engine_manifest, **engines.WRITER_OPTIONS)
+    with writer as w:
         for name in components:
             (w.tmp / f"{name}.plan").write_bytes(b"plan" * 10)
             records[name] = engines.component_record(
@@ -147,12 +147,11 @@ def test_engine_folder_is_never_replaced_without_force(tiny_kiln, tmp_path):
     manifest = kiln.read_manifest(tiny_kiln)
     folder = _engine_dir(tmp_path, manifest)
     with pytest.raises(OutputError, match="--force"), kiln.StageWriter(
-        folder, "build", {"x": 2}, nested_ok=True, manifest_name=engines.ENGINE_MANIFEST,
-        reader=engines.read_engine_manifest, interop_files=False,
+        folder, "build", {"x": 2}, reader=engines.read_engine_manifest, **engines.WRITER_OPTIONS,
     ):  # fmt: skip
         pass
-    with kiln.StageWriter(folder, "build", {"x": 1}, nested_ok=True, manifest_name=engines.ENGINE_MANIFEST,
-                          reader=engines.read_engine_manifest, interop_files=False) as w:  # fmt: skip
+    writer = kiln.StageWriter(folder, "build", {"x": 1}, reader=engines.read_engine_manifest, **engines.WRITER_OPTIONS)
+    with writer as w:
         assert w.up_to_date
 
 

@@ -11,6 +11,7 @@ builder/trt.py, run in a fresh subprocess per component so one build's memory is
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -80,12 +81,12 @@ def plan_build(kiln_dir: Path, manifest: dict, request: BuildRequest) -> dict[st
         raise DiffkilnError(f"{kiln_dir} has no component {unknown[0]!r} (it has {', '.join(names)})")
     plans = {}
     for name in request.components or names:
-        record = manifest["components"][name]
+        source_sha256, precision = engines.graph_facts(manifest, name)
         plans[name] = {
             "onnx": kiln.model_path(kiln_dir, name),
-            "profiles": input_profiles(name, record.get("contract", {}), request.shapes),
-            "precision": record.get("precision", manifest.get("precision", "fp32")),
-            "source_sha256": record.get("files", {}).get("model.onnx", {}).get("sha256", ""),
+            "profiles": input_profiles(name, manifest["components"][name].get("contract", {}), request.shapes),
+            "precision": precision,
+            "source_sha256": source_sha256,
         }
     return plans
 
@@ -111,12 +112,10 @@ def build(kiln_dir: Path, request: BuildRequest, log=print) -> Path:
         "build",
         stamp,
         force=request.force,
-        nested_ok=True,
         same_kind=("sources",),
-        manifest_name=engines.ENGINE_MANIFEST,
         reader=engines.read_engine_manifest,
-        interop_files=False,
         log=log,
+        **engines.WRITER_OPTIONS,
     ) as w:
         if w.up_to_date:
             log(f"{out} is up to date")
@@ -142,8 +141,6 @@ def build(kiln_dir: Path, request: BuildRequest, log=print) -> Path:
 
 def _build_in_subprocess(plan: dict, plan_path: Path, request: BuildRequest) -> int:
     """One engine in a fresh interpreter: TensorRT's build memory is given back when it exits."""
-    import json
-
     job = {
         "onnx": str(plan["onnx"]),
         "plan": str(plan_path),
