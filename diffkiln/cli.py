@@ -313,11 +313,22 @@ def _echo_precision(out: Path) -> None:
 @click.option("--strength", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.8, show_default=True)
 @click.option("--latents", type=click.Path(path_type=Path), help="Initial noise [B,4,h,w] as .npy (instead of --seed).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True)
-@click.option("--backend", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "openvino", "tensorrt"]), default="ort", show_default=True)
 @click.option(
     "--device",
     type=click.Choice(["cpu", "cuda", "gpu"]),
-    help="ort: cpu|cuda (default: cuda if any); openvino: cpu|gpu.",
+    help="ort: cpu|cuda (default: cuda if any); openvino: cpu|gpu; tensorrt: cuda.",
+)
+@click.option(
+    "--engines",
+    "engines_root",
+    type=click.Path(path_type=Path),
+    help="tensorrt: the engines root `diffkiln build` wrote (default: KILN_DIR/engines).",
+)
+@click.option(
+    "--refit-payload",
+    type=click.Path(path_type=Path),
+    help="tensorrt: LoRAs to refit into the engines (`diffkiln lora KILN LORA --refit-payload FILE`).",
 )
 @click.option(
     "--precision-hint",
@@ -342,14 +353,18 @@ def run(
     out,
     backend,
     device,
+    engines_root,
+    refit_payload,
     precision_hint,
 ):
-    """Generate an image from PROMPT with ONNX Runtime or OpenVINO (no torch at inference)."""
+    """Generate an image from PROMPT with ONNX Runtime, OpenVINO or TensorRT (no torch at inference)."""
     from diffkiln.models import resolve_model
     from diffkiln.runtime.backends import runner_factory
     from diffkiln.runtime.generate import generate
 
-    factory = runner_factory(backend, device, precision_hint)  # refuses a missing backend before any work
+    if refit_payload is not None and backend != "tensorrt":
+        raise click.UsageError("--refit-payload refits TensorRT engines: use it with --backend tensorrt")
+    factory = runner_factory(backend, device, precision_hint, engines_root)  # refuses a missing backend up front
     kiln_dir = resolve_model(model, log=lambda msg: click.echo(msg, err=True))
     generate(
         kiln_dir,
@@ -366,6 +381,7 @@ def run(
         image_path=image_path,
         strength=strength,
         latents_path=latents,
+        refit_payload=refit_payload,
         out=out,
         echo=lambda msg: click.echo(msg, err=True),
     )
@@ -414,6 +430,35 @@ def bench(source, **options):
     from diffkiln.bench.command import bench_command
 
     bench_command(source, **options, echo=lambda msg: click.echo(msg, err=True))
+
+
+@main.command("export-triton")
+@click.argument("kiln_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
+@click.option(
+    "--engines",
+    "engines_dir",
+    type=click.Path(path_type=Path),
+    help="TensorRT engines (a root of <trt>-sm<cc>/ folders, or one): their components become tensorrt_plan models.",
+)
+@click.option(
+    "--instance-kind",
+    type=click.Choice(["auto", "gpu", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="Where the onnxruntime models run (auto: cpu for a kiln optimized for ort-cpu, else gpu); plans: gpu.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing repository / rewrite it even if up to date.")
+@user_errors
+def export_triton(kiln_dir, out, engines_dir, instance_kind, force):
+    """Write an NVIDIA Triton Inference Server model repository for KILN_DIR: one model per component (ONNX
+    Runtime, or TensorRT with --engines) and diffkiln_pipeline, a Python-backend model that runs diffkiln's
+    sampling loop over them (PROMPT in, IMAGE out)."""
+    from diffkiln.builder.triton import export_triton as run_export
+
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    repo = run_export(kiln_dir, out, engines_dir=engines_dir, instance_kind=instance_kind, force=force, log=log)
+    click.echo(f"wrote {repo}")
 
 
 if __name__ == "__main__":

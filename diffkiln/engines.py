@@ -10,8 +10,10 @@ rebuilds. Pure Python: the builder writes these records and the runtime (TrtRunn
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from diffkiln.kiln_reader import inside
 ENGINE_MANIFEST = "engine.json"
 FORMAT = "diffkiln-engines/1"
 PLAN_SUFFIX = ".plan"
+# a LoRA refit payload's metadata record (written by diffkiln.lora.refit, read by diffkiln.runtime.refit)
+REFIT_META_KEY = "diffkiln.refit"
+REFIT_FORMAT = "diffkiln-refit/1"
 _KEY = re.compile(r"^[0-9][0-9.]*-sm[0-9]{2,3}$")
 
 
@@ -143,6 +148,12 @@ def mismatch(engine: dict, component: str, *, device: Device, kiln_manifest: dic
             f"built for {built['gpu_name']} (sm{built['compute_capability']}), "
             f"this GPU is {device.gpu_name} (sm{device.compute_capability})"
         )
+    return source_mismatch(engine, component, kiln_manifest=kiln_manifest)
+
+
+def source_mismatch(engine: dict, component: str, *, kiln_manifest: dict) -> str | None:
+    """The checks of `mismatch` that need no GPU (what the engine was built from, not for): that an engine of
+    `component` exists, its source graph's sha256, its precision and the LoRA state; None when all hold."""
     record = engine["components"].get(component)
     if record is None:
         return f"has no {component} engine"
@@ -175,9 +186,44 @@ def check_shapes(component: str, profile: dict, feeds_shapes: dict[str, tuple[in
             )
 
 
+INSTALL = "pip install 'diffkiln[tensorrt]' on a machine with an NVIDIA GPU and driver"
+
+
+def trt_missing(*, run: bool = False) -> str | None:
+    """Why TensorRT engines cannot be built (or, `run`, run) here, or None. Imports nothing."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return f"TensorRT is not installed: {INSTALL}"
+    if run and importlib.util.find_spec("cuda") is None:
+        return f"running engines needs cuda-python, which is not installed: {INSTALL}"
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU found (nvidia-smi is missing): TensorRT engines need one"
+    return None
+
+
+def engine_folders(path: Path) -> list[Path]:
+    """The engine folders `path` names: itself when it holds engine.json, else its `<trt version>-sm<cc>/`
+    subfolders that do (one per GPU architecture a model was built for)."""
+    path = Path(path)
+    if (path / ENGINE_MANIFEST).is_file():
+        return [path]
+    return sorted(p for p in path.glob("*") if _KEY.match(p.name) and (p / ENGINE_MANIFEST).is_file())
+
+
 def find_engine_dir(engines_root: Path, device: Device) -> Path:
-    """The engine folder for this device under `engines_root`, or a one-line error listing what is there."""
-    folder = Path(engines_root) / device.key
+    """The engine folder for this device under `engines_root`, or a one-line error listing what is there. A
+    folder given as the engines root itself (`--engines root/10.13.0.35-sm89`) is taken when its key matches."""
+    engines_root = Path(engines_root)
+    for path in (engines_root, engines_root / device.key):
+        if path.is_symlink():
+            raise KilnError(f"{path} is a symbolic link; pass the real engines folder with --engines")
+    if engines_root.exists() and not engines_root.is_dir():
+        raise KilnError(f"{engines_root} is not a folder of engines; pass the engines root with --engines")
+    if _KEY.match(engines_root.name) and (engines_root / ENGINE_MANIFEST).is_file():
+        if engines_root.name != device.key:
+            raise KilnError(f"{engines_root} holds engines for {engines_root.name}, this machine is {device.key}; "
+                            "rebuild with `diffkiln build`")  # fmt: skip
+        return engines_root
+    folder = engines_root / device.key
     if (folder / ENGINE_MANIFEST).is_file():
         return folder
     others = sorted(p.name for p in Path(engines_root).glob("*") if _KEY.match(p.name))

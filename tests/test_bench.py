@@ -82,8 +82,8 @@ def test_every_requested_path_is_measured_or_explained(bench):
         report["paths"]["ort-fp16"]["one_off"]["artifact_bytes"]
         < report["paths"]["ort-opt"]["one_off"]["artifact_bytes"]
     )
-    reason = report["paths"]["trt-fp16"]["reason"]
-    assert "no NVIDIA GPU" in reason if not report["environment"]["gpus"] else "have not landed yet" in reason
+    if not report["environment"]["gpus"]:
+        assert "no NVIDIA GPU" in report["paths"]["trt-fp16"]["reason"]
 
 
 def test_peer_paths_run_or_say_why(bench):
@@ -234,6 +234,8 @@ def test_skip_reasons(monkeypatch):
     assert "no native bf16" in skip_reason(PATHS["openvino-bf16"], caps)
     assert skip_reason(PATHS["openvino-bf16"], {**caps, "native_bf16": True}) is None
     assert "no NVIDIA GPU" in skip_reason(PATHS["trt-fp16"], caps)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda n: None if n == "tensorrt" else real(n))
+    assert "pip install diffkiln[tensorrt]" in skip_reason(PATHS["trt-int8"], {**caps, "gpus": ["H100"]})
     no_source = {**caps, "source": None, "source_problem": "the kiln directory's source 'x' (folder) is gone"}
     assert "is gone" in skip_reason(PATHS["torch-fp32"], no_source)
 

@@ -33,12 +33,16 @@ def test_unet_profile_doubles_batch_for_cfg(tiny_kiln):
     request = ShapeRequest(batch=(1, 1, 4), height=(256, 512, 768), width=(512, 512, 512))
     profiles = input_profiles("unet", contract, request)
     sample = profiles["sample"]
-    assert sample == ((2, 4, 32, 64), (2, 4, 64, 64), (8, 4, 96, 64))
-    assert profiles["timestep"] == ((2,), (2,), (8,))
+    assert sample == ((1, 4, 32, 64), (2, 4, 64, 64), (8, 4, 96, 64))  # min 1: a run without guidance
+    assert profiles["timestep"] == ((1,), (2,), (8,))
     seq = contract["profile"]["sequence"]
     assert profiles["encoder_hidden_states"][2][1] == seq[2]
     vae = input_profiles("vae_decoder", manifest["components"]["vae_decoder"]["contract"], request)
-    assert vae["latent_sample"][0][0] == 1  # no CFG outside the UNet
+    assert vae["latent_sample"][0][0] == 1 and vae["latent_sample"][2][0] == 4  # no CFG batch in the VAE
+    text = input_profiles("text_encoder", manifest["components"]["text_encoder"]["contract"], request)
+    assert text["input_ids"] == ((1, 77), (2, 77), (8, 77))  # prompts are encoded [uncond; cond] in one call
+    static = input_profiles("unet", contract, ShapeRequest(batch=(1, 1, 1), static=True))
+    assert static["sample"][0] == static["sample"][2] == (2, 4, 64, 64)  # static: the CFG batch only
 
 
 def test_static_profile_and_image_dims():

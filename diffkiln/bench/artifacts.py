@@ -30,10 +30,13 @@ def make(tools: Worker, path: PathDef, base: dict | None, source_ref: str | None
         return None, {"artifact_bytes": source_bytes(source_ref)}
     one_off = {"export_seconds": base["seconds"], "exported_now": base["done_now"]}
     made = base
-    if path.artifact == "optimize":
-        # OpenVINO reads standard ONNX only: the tensorrt target's graphs (no com.microsoft ops)
-        target = "tensorrt" if path.backend == "openvino" else "ort-cpu"
+    if path.artifact in ("optimize", "engine"):
+        # OpenVINO reads standard ONNX only, and TensorRT builds: the tensorrt target's graphs (no com.microsoft ops)
+        target = "ort-cpu" if path.backend == "ort" else "tensorrt"
         made = tools.call("optimize", kiln_dir=base["kiln_dir"], target=target, precision=path.precision)
+    if path.artifact == "engine":  # engines in <optimized kiln>/engines, built once (a no-op when up to date)
+        built = tools.call("build", kiln_dir=made["kiln_dir"])
+        one_off.update(build_seconds=built["seconds"])
     elif path.artifact == "ortx":
         made = tools.call("optimize_ortx", kiln_dir=base["kiln_dir"])
     if made is not base:

@@ -16,11 +16,13 @@ from diffkiln.runtime.backends import runner_factory
 
 
 class KilnBackend:
-    """Worker backend for every path that runs a kiln directory (ort-*, openvino)."""
+    """Worker backend for every path that runs a kiln directory (ort-*, openvino-*, trt-*: engines in KILN/engines)."""
 
     def __init__(self, kiln_dir: str, runtime: str = "ort", precision_hint: str | None = None):
         if runtime == "openvino":
             import openvino  # noqa: F401  (fail at start, and count its memory as a library's)
+        elif runtime == "tensorrt":
+            import tensorrt  # noqa: F401
         else:
             import onnxruntime  # noqa: F401
         self.kiln_dir, self.runtime = Path(kiln_dir), runtime
@@ -38,6 +40,8 @@ class KilnBackend:
             session = self.pipe.runners["unet"].session
             info["providers"] = session.get_providers()
             info["device"] = "cuda" if info["providers"][0] == "CUDAExecutionProvider" else "cpu"
+        elif self.runtime == "tensorrt":
+            info["device"] = "cuda"
         else:
             info["precision_hint"] = self.pipe.runners["unet"].precision_hint
         return info

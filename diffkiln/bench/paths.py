@@ -73,12 +73,13 @@ def skip_reason(path: PathDef, caps: dict) -> str | None:
         elif path.precision == "bf16" and not caps.get("native_bf16"):
             reasons.append("this CPU has no native bf16 (avx512_bf16 or AMX): OpenVINO would run f32 instead")
     elif path.backend == "tensorrt":
-        if not caps["tensorrt"]:
-            reasons.append("tensorrt is not installed (pip install diffkiln[tensorrt])")
+        from diffkiln.runtime.backends import available
+
         if not caps["gpus"]:
             reasons.append("no NVIDIA GPU")
-        reasons.append("diffkiln's TensorRT engine builder and runner have not landed yet (diffkiln/builder)")
-    if path.artifact in ("export", "optimize", "ortx") and not caps.get("kiln"):
+        elif reason := available("tensorrt"):
+            reasons.append(reason)
+    if path.artifact in ("export", "optimize", "ortx", "engine") and not caps.get("kiln"):
         reasons.append("no kiln directory and nothing to export it from")
     if path.artifact == "optimize" and path.precision not in caps["ort_precisions"]:
         landed = ", ".join(caps["ort_precisions"])

@@ -84,6 +84,14 @@ class ToolsBackend:
             seconds = sum(c.get("seconds", 0.0) for c in report.get("components", {}).values())
         return {"kiln_dir": str(out), "seconds": seconds, "done_now": done_now}
 
+    def op_build(self, kiln_dir: str) -> dict:
+        """`diffkiln build` into KILN/engines with the kiln's own profiles (a no-op when up to date)."""
+        from diffkiln.builder.build import BuildRequest, build
+
+        start = time.perf_counter()
+        folder = build(Path(kiln_dir), BuildRequest(), log=lambda _msg: None)
+        return {"engines": str(folder), "seconds": time.perf_counter() - start}
+
     def op_optimize_ortx(self, kiln_dir: str) -> dict:
         from diffkiln.bench.ortx import optimize_with_ort_transformers
 

@@ -10,9 +10,7 @@ builder/trt.py, run in a fresh subprocess per component so one build's memory is
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,7 +21,6 @@ from diffkiln.builder.profiles import ShapeRequest, input_profiles
 from diffkiln.builder.trt import BuildOptions
 from diffkiln.errors import DiffkilnError, KilnError
 
-INSTALL = "pip install 'diffkiln[tensorrt]' on a machine with an NVIDIA GPU and driver"
 TARGETS = ("tensorrt",)  # graphs optimized for these (or not optimized at all) are buildable
 
 
@@ -38,12 +35,8 @@ class BuildRequest:
 
 
 def missing_requirements() -> str | None:
-    """Why TensorRT engines cannot be built or run here, or None. Imports nothing."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return f"TensorRT is not installed: {INSTALL}"
-    if shutil.which("nvidia-smi") is None:
-        return "no NVIDIA GPU found (nvidia-smi is missing): TensorRT engines need one"
-    return None
+    """Why TensorRT engines cannot be built here, or None. Imports nothing."""
+    return engines.trt_missing()
 
 
 def parse_gpu(line: str) -> tuple[str, str]:

@@ -2,8 +2,10 @@
 
 A contract names symbolic dims (`batch`, `height`, `width`, `image_height`, …, `sequence`) and a min/opt/max
 range for each; a build request narrows them: `--batch MIN:OPT:MAX` (images per prompt), `--height/--width`
-in pixels (`MIN:OPT:MAX` or one value), `--static` (min = opt = max: CUDA graphs can be captured). The UNet
-runs the CFG batch (uncond + cond in one call), so its batch range is doubled. Pure Python.
+in pixels (`MIN:OPT:MAX` or one value), `--static` (min = opt = max: CUDA graphs can be captured). The text
+encoders and the UNet run the CFG batch (uncond + cond in one call), so their opt and max batch are doubled; the
+min stays, for runs without guidance (g ≤ 1 skips the uncond half). A static profile holds the CFG batch only.
+Pure Python.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from diffkiln.errors import DiffkilnError
 from diffkiln.specs import VAE_SCALE
 
-CFG_COMPONENTS = ("unet",)  # components that take [uncond, cond] in one batch
+CFG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # they take [uncond, cond] in one batch
 
 
 def parse_range(text: str | None, what: str) -> tuple[int, int, int] | None:
@@ -54,7 +56,8 @@ def dim_ranges(component: str, contract_profile: dict, request: ShapeRequest) ->
             raise DiffkilnError(f"--{side} must be multiples of {VAE_SCALE} pixels, not {':'.join(map(str, pixels))}")
         ranges[side] = tuple(p // VAE_SCALE for p in pixels)
     if component in CFG_COMPONENTS and "batch" in ranges:
-        ranges["batch"] = tuple(2 * b for b in ranges["batch"])
+        low, opt, high = ranges["batch"]
+        ranges["batch"] = (low, 2 * opt, 2 * high)
     if request.static:
         ranges = {k: (v[1], v[1], v[1]) for k, v in ranges.items()}
     for side in ("height", "width"):

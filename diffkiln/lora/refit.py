@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from diffkiln.engines import REFIT_FORMAT as FORMAT
+from diffkiln.engines import REFIT_META_KEY as META_KEY
 from diffkiln.lora.errors import LoraError
 from diffkiln.lora.initializers import ComponentGraph, tensor_sha256
 from diffkiln.lora.tensorfile import TensorFile, TensorWriter
-
-META_KEY = "diffkiln.refit"
-FORMAT = "diffkiln-refit/1"
 
 
 def payload_key(component: str, initializer: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from diffkiln import engines
 from diffkiln.errors import DiffkilnError
 from diffkiln.runtime.runners import (
     OPENVINO_PRECISIONS,
@@ -30,6 +31,14 @@ def _ort_runner(path: Path, device: str | None, precision_hint: str | None) -> R
 
 def _openvino_runner(path: Path, device: str | None, precision_hint: str | None) -> Runner:
     return OpenVinoRunner(Path(path), device=(device or "cpu").upper(), precision_hint=precision_hint or "f32")
+
+
+def _trt_runner(path: Path, device: str | None, precision_hint: str | None, engines_root: Path | None = None):
+    """The component's engine under `engines_root` (default KILN/engines); `path` is KILN/<component>/model.onnx."""
+    from diffkiln.runtime.trt_runner import TrtRunner, engine_from_kiln
+
+    path = Path(path)
+    return TrtRunner(partial(engine_from_kiln, path.parent.parent, path.parent.name, engines_root))
 
 
 def _cuda_missing() -> str | None:
@@ -60,6 +69,7 @@ class Backend:
     make_runner: Callable[[Path, str | None, str | None], Runner]
     precisions: tuple[str, ...] = ()  # precision hints it accepts; none for ORT (it runs the graph's own dtypes)
     device_checks: tuple[tuple[str, Callable[[], str | None]], ...] = ()  # (device, reason it can't run there)
+    requires: Callable[[], str | None] | None = None  # why it cannot run here at all (beyond its module)
 
     @property
     def install(self) -> str:
@@ -77,6 +87,14 @@ BACKENDS = {
         OPENVINO_PRECISIONS,
         (("gpu", _openvino_gpu_missing),),
     ),
+    "tensorrt": Backend(
+        "tensorrt",
+        "tensorrt",
+        "diffkiln[tensorrt]",
+        ("cuda",),
+        _trt_runner,
+        requires=lambda: engines.trt_missing(run=True),
+    ),
 }
 
 
@@ -92,6 +110,8 @@ def _reason(backend: str, device: str | None, precision_hint: str | None) -> str
         return f"--precision-hint for {backend} is one of {', '.join(spec.precisions)}, not {precision_hint!r}"
     if importlib.util.find_spec(spec.module) is None:
         return f"the {backend} backend needs {spec.module}, which is not installed: {spec.install}"
+    if spec.requires and (reason := spec.requires()):
+        return reason
     for checked, missing in spec.device_checks:
         if device == checked and (reason := missing()):
             return reason
@@ -104,13 +124,17 @@ def available(backend: str, device: str | None = None) -> str | None:
 
 
 def runner_factory(
-    backend: str, device: str | None = None, precision_hint: str | None = None
+    backend: str, device: str | None = None, precision_hint: str | None = None, engines_root: Path | None = None
 ) -> Callable[[Path], Runner]:
     """The `path -> Runner` callable for `Pipeline(kiln_dir, runner_factory=...)`; raises DiffkilnError up front.
 
     device None: ORT picks CUDA when available, else CPU; OpenVINO uses its CPU. precision_hint (OpenVINO only)
-    None means f32: always set, since OpenVINO would otherwise pick bf16 on CPUs that have it.
+    None means f32: always set, since OpenVINO would otherwise pick bf16 on CPUs that have it. engines_root
+    (TensorRT only): where `diffkiln build` wrote the engines, default KILN/engines.
     """
+    if engines_root is not None and backend != "tensorrt":
+        raise DiffkilnError("--engines is only used by --backend tensorrt")
     if reason := _reason(backend, device, precision_hint):
         raise DiffkilnError(reason)
-    return partial(BACKENDS[backend].make_runner, device=device, precision_hint=precision_hint)
+    extra = {"engines_root": Path(engines_root)} if engines_root is not None else {}
+    return partial(BACKENDS[backend].make_runner, device=device, precision_hint=precision_hint, **extra)

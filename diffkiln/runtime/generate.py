@@ -7,14 +7,23 @@ from pathlib import Path
 
 import numpy as np
 
+from diffkiln import kiln
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime import images, schedulers
+from diffkiln.runtime import images, refit, schedulers
 from diffkiln.runtime.pipeline import GenerationParams, Pipeline
 from diffkiln.runtime.runners import OrtRunner
 
 
 def generate(
-    kiln_dir: Path, *, image_path=None, latents_path=None, out=Path("out.png"), echo=print, runner_factory=None, **kw
+    kiln_dir: Path,
+    *,
+    image_path=None,
+    latents_path=None,
+    refit_payload=None,
+    out=Path("out.png"),
+    echo=print,
+    runner_factory=None,
+    **kw,
 ) -> list[Path]:
     if kw.get("scheduler") not in schedulers.SAMPLERS:
         raise DiffkilnError(f"unknown sampler {kw.get('scheduler')!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
@@ -27,8 +36,12 @@ def generate(
         params.image = images.load_image(image_path)
     if latents_path is not None:
         params.latents = _load_latents(latents_path)
+    payload = refit.read_payload(refit_payload) if refit_payload is not None else None
 
     with Pipeline(kiln_dir, runner_factory or OrtRunner) as pipe:
+        if payload is not None:  # LoRAs swapped into refittable engines, from the base weights
+            done = refit.apply(pipe.runners, refit.RefitState(), payload, kiln.manifest_sha256(kiln_dir), refit_payload)
+            echo(f"refitted {done} engine(s) with {refit_payload}")
         if params.image is not None:  # the init image's size rounded down, unless a size is given
             params.height = params.image.shape[0] // 8 * 8 if params.height is None else params.height
             params.width = params.image.shape[1] // 8 * 8 if params.width is None else params.width
