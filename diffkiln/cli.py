@@ -95,12 +95,19 @@ def export(source, out, arch, components, opset, force):
 @main.command()
 @click.argument("kiln_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--engines", "engines_root", type=click.Path(path_type=Path), help="Engines root (default: KILN_DIR/engines)."
+)
 @user_errors
-def inspect(kiln_dir, as_json):
-    """Summarize a kiln directory: components, I/O shapes, sizes, op histogram, parity."""
+def inspect(kiln_dir, as_json, engines_root):
+    """Summarize a kiln directory: components, I/O shapes, sizes, op histogram, parity, and its TensorRT engines
+    (what each was built with and for, and whether it is stale for the kiln dir)."""
+    from diffkiln.engines import engine_dirs
     from diffkiln.inspect import render, summarize
 
-    summary = summarize(kiln_dir)
+    if engines_root is not None and not engine_dirs(engines_root):
+        raise DiffkilnError(f"{engines_root} holds no engine folders (<trt version>-sm<cc>/engine.json)")
+    summary = summarize(kiln_dir, engines_root)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

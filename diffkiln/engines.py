@@ -209,6 +209,21 @@ def engine_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*") if _KEY.match(p.name) and (p / ENGINE_MANIFEST).is_file())
 
 
+def is_engine_key(name: str) -> bool:
+    """Whether a folder name is an engine folder's (`10.13.0.35-sm89`)."""
+    return bool(_KEY.match(name))
+
+
+def engine_dirs(engines_root: Path) -> list[Path]:
+    """The engine folders under an engines root (or the root itself when it is one); symbolic links skipped."""
+    root = Path(engines_root)
+    if (root / ENGINE_MANIFEST).is_file():
+        return [root]
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return sorted(p for p in root.iterdir() if is_engine_key(p.name) and p.is_dir() and not p.is_symlink())
+
+
 def find_engine_dir(engines_root: Path, device: Device) -> Path:
     """The engine folder for this device under `engines_root`, or a one-line error listing what is there. A
     folder given as the engines root itself (`--engines root/10.13.0.35-sm89`) is taken when its key matches."""

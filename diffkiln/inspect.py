@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffkiln import kiln
+from diffkiln import engines, kiln
 from diffkiln.errors import KilnError
 from diffkiln.onnxio import io_shapes, load_graph, op_histogram
 
 
-def summarize(kiln_dir: Path) -> dict:
+def summarize(kiln_dir: Path, engines_root: Path | None = None) -> dict:
+    """The kiln dir's components and the engines built from it (under KILN/engines, or `engines_root`)."""
     kiln_dir = Path(kiln_dir)
     manifest = kiln.read_manifest(kiln_dir)
     components = {}
@@ -36,7 +37,34 @@ def summarize(kiln_dir: Path) -> dict:
         "precision": manifest.get("precision", "fp32"),
         "created_by": manifest["created_by"],
         "components": components,
+        "engines": engine_summaries(manifest, Path(engines_root) if engines_root else kiln_dir / "engines"),
     }
+
+
+def engine_summaries(manifest: dict, engines_root: Path) -> list[dict]:
+    """Each engine folder: what it was built with and for, and per component whether it still fits this kiln dir
+    (the stale rules of engines.mismatch, against the folder's own device: this machine may have no GPU)."""
+    found = []
+    for folder in engines.engine_dirs(engines_root):
+        try:
+            engine = engines.read_engine_manifest(folder)
+        except KilnError as e:
+            found.append({"folder": str(folder), "error": str(e)})
+            continue
+        built = engines.Device(**{k: engine["device"][k] for k in ("trt_version", "gpu_name", "compute_capability")})
+        components = {
+            name: {
+                "precision": record.get("precision"),
+                "bytes": record["bytes"],
+                "profiles": record["profiles"],
+                "refittable": record.get("refittable", False),
+                "stripped": record.get("stripped", False),
+                "stale": engines.mismatch(engine, name, device=built, kiln_manifest=manifest),
+            }
+            for name, record in engine["components"].items()
+        }
+        found.append({"folder": str(folder), "key": built.key, "device": engine["device"], "components": components})
+    return found
 
 
 def _shape(t: dict) -> str:
@@ -65,3 +93,21 @@ def render(summary: dict, echo=print) -> None:
         for t in c["outputs"]:
             echo(f"  out  {_shape(t)}")
         echo("  ops  " + ", ".join(f"{op} {n}" for op, n in c["ops"].items()))
+    for folder in summary.get("engines", []):
+        _render_engines(folder, echo)
+
+
+def _render_engines(folder: dict, echo) -> None:
+    if "error" in folder:
+        echo(f"\nengines {folder['folder']}: unreadable: {folder['error']}")
+        return
+    device = folder["device"]
+    echo(f"\nengines {folder['folder']}: TensorRT {device['trt_version']}, {device['gpu_name']} "
+         f"(sm{device['compute_capability']})")  # fmt: skip
+    for name, c in folder["components"].items():
+        first = next(iter(c["profiles"].items()), None)
+        profile = f"{first[0]} {first[1][0]}..{first[1][2]}" if first else "no inputs"
+        flags = ", ".join(f for f, on in (("refit", c["refittable"]), ("stripped", c["stripped"])) if on) or "-"
+        state = f"STALE: {c['stale']}" if c["stale"] else "current"
+        size = f"{c['bytes'] / 1e6:8.1f} MB" if c["bytes"] >= 1e6 else f"{c['bytes'] / 1e3:8.1f} kB"
+        echo(f"  {name:16s} {c['precision'] or '?':>5s} {size}  {profile}  {flags}  {state}")

@@ -189,75 +189,75 @@ STATE = _State()
 OK = 0
 
 
-class cudaMemcpyKind:  # noqa: N801  (cuda-python's names)
+class cudaMemcpyKind:
     cudaMemcpyHostToDevice = 1
     cudaMemcpyDeviceToHost = 2
 
 
-class cudaStreamCaptureMode:  # noqa: N801
+class cudaStreamCaptureMode:
     cudaStreamCaptureModeGlobal = 0
 
 
-def cudaGetDeviceProperties(device):  # noqa: N802
+def cudaGetDeviceProperties(device):
     return OK, PROPS
 
 
-def cudaMalloc(nbytes):  # noqa: N802
+def cudaMalloc(nbytes):
     buffer = np.zeros(nbytes, np.uint8)
     STATE.buffers[buffer.ctypes.data] = buffer
     return OK, buffer.ctypes.data
 
 
-def cudaFree(ptr):  # noqa: N802
+def cudaFree(ptr):
     STATE.buffers.pop(ptr)
     return (OK,)
 
 
-def cudaMemcpyAsync(dst, src, nbytes, kind, stream):  # noqa: N802
+def cudaMemcpyAsync(dst, src, nbytes, kind, stream):
     ctypes.memmove(dst, src, nbytes)
     return (OK,)
 
 
-def cudaStreamCreate():  # noqa: N802
+def cudaStreamCreate():
     STATE.streams += 1
     return OK, STATE.streams
 
 
-def cudaStreamSynchronize(stream):  # noqa: N802
+def cudaStreamSynchronize(stream):
     return (OK,)
 
 
-def cudaStreamDestroy(stream):  # noqa: N802
+def cudaStreamDestroy(stream):
     STATE.streams -= 1
     return (OK,)
 
 
-def cudaStreamBeginCapture(stream, mode):  # noqa: N802
+def cudaStreamBeginCapture(stream, mode):
     STATE.capturing = []
     return (OK,)
 
 
-def cudaStreamEndCapture(stream):  # noqa: N802
+def cudaStreamEndCapture(stream):
     graph, STATE.capturing = STATE.capturing, None
     return OK, graph
 
 
-def cudaGraphInstantiate(graph, flags):  # noqa: N802
+def cudaGraphInstantiate(graph, flags):
     return OK, list(graph)
 
 
-def cudaGraphLaunch(graph_exec, stream):  # noqa: N802
+def cudaGraphLaunch(graph_exec, stream):
     STATE.launches += 1
     for call in graph_exec:
         call()
     return (OK,)
 
 
-def cudaGraphExecDestroy(graph_exec):  # noqa: N802
+def cudaGraphExecDestroy(graph_exec):
     return (OK,)
 
 
-def cudaGraphDestroy(graph):  # noqa: N802
+def cudaGraphDestroy(graph):
     return (OK,)
 
 

@@ -9,6 +9,7 @@ LoRA refits A → B → A leaving exactly A's bytes. On a GPU the same paths run
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,19 @@ def test_without_tensorrt_run_says_what_to_install(tiny_kiln, tmp_path, monkeypa
     one_line_error(run(*args, "--engines", tmp_path), "--engines is only used by --backend tensorrt")
     assert run(*args, "--refit-payload", tmp_path / "p").exit_code == 2  # a usage error: it needs tensorrt
     assert not (tmp_path / "x.png").exists()
+
+
+def test_inspect_shows_engines_and_what_makes_them_stale(fake, kiln_copy, tmp_path):
+    build(kiln_copy, BuildRequest(options=BuildOptions(refit=True)), log=quiet)
+    shown = CliRunner().invoke(main, ["inspect", str(kiln_copy)])
+    assert shown.exit_code == 0, shown.output
+    assert f"TensorRT {DEVICE.trt_version}, NVIDIA Fake GPU (sm8.9)" in shown.output
+    unet = [line for line in shown.output.splitlines() if line.strip().startswith("unet") and " kB " in line][-1]
+    assert "fp32" in unet and "sample [1, 4, 4, 4]..[16, 4, 16, 16]" in unet and " kB " in unet and "refit" in unet and "current" in unet
+    a = save_kohya(make_lora(kiln_copy, "attn", seed=6, alpha=2.0), tmp_path / "a.safetensors")
+    folded = Path(fold_loras(kiln_copy, [(a, 0.9)], tmp_path / "folded", log=quiet)["out"])
+    stale = CliRunner().invoke(main, ["inspect", str(folded), "--engines", str(kiln_copy / "engines"), "--json"])
+    assert stale.exit_code == 0, stale.output
+    (folder,) = json.loads(stale.output)["engines"]
+    assert folder["key"] == DEVICE.key and folder["components"]["unet"]["stale"].startswith("unet was built from")
+    one_line_error(CliRunner().invoke(main, ["inspect", str(folded), "--engines", str(tmp_path)]), "holds no engine")
