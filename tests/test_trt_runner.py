@@ -158,7 +158,7 @@ def test_refit_state_rules():
     assert set(state.steps(None, ["text_encoder", "unet"])) == {"unet"}  # back to base where anything changed
 
 
-def test_refit_a_b_a_leaves_exactly_a_and_base_restores_base(fake, kiln_copy, tmp_path):
+def test_refit_a_b_a_leaves_exactly_a_and_base_restores_base(fake, kiln_copy, tmp_path, monkeypatch):
     build(kiln_copy, BuildRequest(options=BuildOptions(refit=True)), log=quiet)
     a = save_kohya(make_lora(kiln_copy, "attn", seed=6, alpha=2.0), tmp_path / "a.safetensors")
     b = save_diffusers(make_lora(kiln_copy, "attn+ff+conv+te", seed=7), tmp_path / "b.safetensors")
@@ -182,6 +182,14 @@ def test_refit_a_b_a_leaves_exactly_a_and_base_restores_base(fake, kiln_copy, tm
         refit.apply(pipe.runners, state, None, sha, pa)
         base = ComponentGraph(kiln_copy / "unet")
         assert all(weights(pipe, "unet")[n].tobytes() == base.read(n).tobytes() for n in base.tensors)
+
+    first = next(iter(refit.read_payload(pa).tensors["unet"]))
+    monkeypatch.setitem(fake_trt.FUSED, first, "model.conv_in.bias")  # TensorRT fused a LoRA'd weight with another
+    with Pipeline(kiln_copy, runner_factory("tensorrt")) as pipe:
+        refit.apply(pipe.runners, refit.RefitState(), refit.read_payload(pa), sha, pa)
+        held, graph = weights(pipe, "unet"), ComponentGraph(folded / "unet")
+        assert all(held[n].tobytes() == graph.read(n).tobytes() for n in graph.tensors)  # refit from base + A
+    monkeypatch.delitem(fake_trt.FUSED, first)
 
     args = ("a red circle", "--steps", 3, "--seed", 4)
     trt = run(*args, "-m", kiln_copy, "--backend", "tensorrt", "--refit-payload", pa, "-o", tmp_path / "t.png")
@@ -228,7 +236,13 @@ def test_inspect_shows_engines_and_what_makes_them_stale(fake, kiln_copy, tmp_pa
     assert shown.exit_code == 0, shown.output
     assert f"TensorRT {DEVICE.trt_version}, NVIDIA Fake GPU (sm8.9)" in shown.output
     unet = [line for line in shown.output.splitlines() if line.strip().startswith("unet") and " kB " in line][-1]
-    assert "fp32" in unet and "sample [1, 4, 4, 4]..[16, 4, 16, 16]" in unet and " kB " in unet and "refit" in unet and "current" in unet
+    assert (
+        "fp32" in unet
+        and "sample [1, 4, 4, 4]..[16, 4, 16, 16]" in unet
+        and " kB " in unet
+        and "refit" in unet
+        and "current" in unet
+    )
     a = save_kohya(make_lora(kiln_copy, "attn", seed=6, alpha=2.0), tmp_path / "a.safetensors")
     folded = Path(fold_loras(kiln_copy, [(a, 0.9)], tmp_path / "folded", log=quiet)["out"])
     stale = CliRunner().invoke(main, ["inspect", str(folded), "--engines", str(kiln_copy / "engines"), "--json"])

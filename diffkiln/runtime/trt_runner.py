@@ -114,6 +114,8 @@ def refit_engine(loaded: LoadedEngine, updates: Mapping[str, np.ndarray], *, fro
         if not refitter.set_named_weights(name, trt.Weights(keep[-1])):
             raise KilnError(f"the {loaded.component} engine has no refittable weight {name!r}; rebuild with --refit")
     missing = refitter.get_missing_weights()
+    if missing and not from_base:  # weights TensorRT fused with a changed one: take them from the base graph
+        return refit_engine(loaded, updates, from_base=True)
     if missing:
         raise KilnError(f"refitting {loaded.component} needs weights it was not given ({missing[0]}, …)")
     if not refitter.refit_cuda_engine():
