@@ -42,7 +42,7 @@ def test_unet_profile_doubles_batch_for_cfg(tiny_kiln):
     text = input_profiles("text_encoder", manifest["components"]["text_encoder"]["contract"], request)
     assert text["input_ids"] == ((1, 77), (2, 77), (8, 77))  # prompts are encoded [uncond; cond] in one call
     static = input_profiles("unet", contract, ShapeRequest(batch=(1, 1, 1), static=True))
-    assert static["sample"][0] == static["sample"][2] == (2, 4, 64, 64)  # static: the CFG batch only
+    assert static["sample"][0] == static["sample"][2] == (2, 4, 8, 8)  # static: the CFG batch only
 
 
 def test_static_profile_and_image_dims():
