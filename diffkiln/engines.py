@@ -200,15 +200,6 @@ def trt_missing(*, run: bool = False) -> str | None:
     return None
 
 
-def engine_folders(path: Path) -> list[Path]:
-    """The engine folders `path` names: itself when it holds engine.json, else its `<trt version>-sm<cc>/`
-    subfolders that do (one per GPU architecture a model was built for)."""
-    path = Path(path)
-    if (path / ENGINE_MANIFEST).is_file():
-        return [path]
-    return sorted(p for p in path.glob("*") if _KEY.match(p.name) and (p / ENGINE_MANIFEST).is_file())
-
-
 def is_engine_key(name: str) -> bool:
     """Whether a folder name is an engine folder's (`10.13.0.35-sm89`)."""
     return bool(_KEY.match(name))

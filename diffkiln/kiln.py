@@ -89,6 +89,14 @@ def read_weight_map(kiln_dir: Path) -> dict:
     return _read_weight_map(kiln_dir)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (no bytes copied), or a copy across file systems; never a symlink."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_json(path: Path, data) -> None:
     """Atomic JSON write: temp file in the same folder, then rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -266,13 +274,14 @@ class StageWriter:
     def check_space(self, need: int) -> None:
         check_space(self.out, need)
 
-    def copy_support(self, kiln_dir: Path, manifest: dict, skip: Iterable[str] = ()) -> None:
-        """Copy the source kiln's tokenizer folders and scheduler config (all but `skip`) into the staging folder.
-        Their paths were confined when the manifest was read; symlinks inside were checked to stay inside."""
+    def copy_support(self, kiln_dir: Path, manifest: dict, skip: Iterable[str] = (), into: str = "") -> None:
+        """Copy the source kiln's tokenizer folders and scheduler config (all but `skip`) into the staging folder
+        (its subfolder `into`). Their paths were confined when the manifest was read; symlinks inside were checked
+        to stay inside."""
         folders = [*manifest.get("tokenizers", []), SCHEDULER]
         for folder in folders:
             if folder not in skip and (kiln_dir / folder).is_dir():
-                shutil.copytree(inside(kiln_dir, folder, f"manifest entry {folder!r}"), self.tmp / folder)
+                shutil.copytree(inside(kiln_dir, folder, f"manifest entry {folder!r}"), self.tmp / into / folder)
 
     def finish(self, manifest: dict, reports: dict[str, dict] | None = None) -> dict:
         """Write the reports, the interop files (model_index.json, <component>/config.json, from the manifest's

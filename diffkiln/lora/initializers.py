@@ -23,16 +23,9 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from diffkiln.kiln import file_sha256
+from diffkiln.kiln import file_sha256, link_or_copy
 from diffkiln.kiln_reader import inside
 from diffkiln.onnxio import ALIGN, load_graph
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def tensor_bytes(array: np.ndarray, dtype: np.dtype | None = None) -> memoryview:

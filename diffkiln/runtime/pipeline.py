@@ -111,17 +111,23 @@ class Result:
 
 
 class Pipeline:
-    """A kiln directory, ready to generate. Sessions are created once and kept for every call."""
+    """A kiln directory, ready to generate. Sessions are created once and kept for every call.
 
-    def __init__(self, kiln_dir: Path, runner_factory=OrtRunner):
+    `runner_factory(kiln_dir/<component>/model.onnx)` makes each component's runner. `local_graphs=False` is for
+    runners that do not read that file (a Triton pipeline model calls the component models served beside it):
+    the kiln dir then needs only its manifest, tokenizers and scheduler config, and the path names the component.
+    """
+
+    def __init__(self, kiln_dir: Path, runner_factory=OrtRunner, *, local_graphs: bool = True):
         self.kiln_dir = Path(kiln_dir)
+        self.local_graphs = local_graphs
         self.manifest = kiln.read_manifest(self.kiln_dir)
         self.info = self.manifest["pipeline"]
         self.sdxl = self.info["kind"] == "sdxl"
         self.contract = PipelineInfo.from_json(self.info)
         encoders = ["text_encoder", "text_encoder_2"] if self.sdxl else ["text_encoder"]
         for name in [*encoders, "unet", "vae_decoder"]:
-            _require(self.kiln_dir, self.manifest, name)
+            _require(self.kiln_dir, self.manifest, name, self.local_graphs)
         folders = self.manifest.get("tokenizers", [])
         if len(folders) != len(encoders):
             raise KilnError(
@@ -279,7 +285,7 @@ class Pipeline:
     def encode_image(self, image: np.ndarray, height: int, width: int, batch: int) -> np.ndarray:
         """[H, W, 3] in [0, 1] → scaled latents [B, 4, h, w] (the posterior mean: deterministic)."""
         if "vae_encoder" not in self.runners:
-            _require(self.kiln_dir, self.manifest, "vae_encoder")
+            _require(self.kiln_dir, self.manifest, "vae_encoder", self.local_graphs)
             self._load("vae_encoder")
         if image.shape[:2] != (height, width):
             raise DiffkilnError(f"init image is {image.shape[1]}×{image.shape[0]}, expected {width}×{height}")
@@ -319,9 +325,10 @@ class Pipeline:
         return 2 * self.native_size
 
 
-def _require(kiln_dir: Path, manifest: dict, component: str) -> None:
+def _require(kiln_dir: Path, manifest: dict, component: str, local_graph: bool = True) -> None:
+    """The manifest records `component` and, when `local_graph`, its graph file is there."""
     record = manifest.get("components", {}).get(component)
-    if record is None or not (kiln_dir / record["path"]).is_file():
+    if record is None or (local_graph and not (kiln_dir / record["path"]).is_file()):
         raise KilnError(
             f"{kiln_dir} has no {component}; re-export it with `diffkiln export SOURCE -o {kiln_dir} --force`"
         )
