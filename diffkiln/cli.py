@@ -310,8 +310,9 @@ def _echo_precision(out: Path) -> None:
     help=f"Sampler (diffusers calls it the scheduler): {', '.join(REGISTRY)}.",
 )
 @click.option(
-    "--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale (≤1: off)."
+    "--guidance", type=float, help="Classifier-free guidance scale, ≤1: off (default 7.5; Flux: distilled, 3.5)."
 )
+@click.option("--true-cfg", type=float, default=1.0, show_default=True, help="Flux: true CFG over --negative when > 1.")
 @click.option("--seed", type=int, default=0, show_default=True, help="numpy Generator seed for the initial noise.")
 @click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
 @click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
@@ -350,6 +351,7 @@ def run(
     steps,
     scheduler,
     guidance,
+    true_cfg,
     seed,
     height,
     width,
@@ -381,6 +383,7 @@ def run(
         steps=steps,
         scheduler=scheduler,
         guidance=guidance,
+        true_cfg=true_cfg,
         seed=seed,
         height=height,
         width=width,

@@ -54,6 +54,18 @@ def model_index(info: PipelineInfo, configs: dict[str, dict], scheduler: dict, b
     the components' configs, as `DiffusionPipeline.save_pretrained` writes it."""
     if base:
         return dict(base)
+    if info.is_flux:
+        return {
+            "_class_name": "FluxPipeline",
+            "_diffusers_version": str(configs.get("transformer", {}).get("_diffusers_version", "0.30.0")),
+            "scheduler": ["diffusers", str(scheduler.get("_class_name", "FlowMatchEulerDiscreteScheduler"))],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
     sdxl = info.is_sdxl
     index = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",

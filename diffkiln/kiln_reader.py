@@ -31,8 +31,8 @@ from diffkiln.specs import CONTRACTS
 
 MANIFEST = "manifest.json"
 WEIGHT_MAP = "weight_map.json"
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-PIPELINE_KINDS = ("sd1", "sd2", "sdxl")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae_decoder", "vae_encoder")
+PIPELINE_KINDS = ("sd1", "sd2", "sdxl", "flux")
 MAX_MANIFEST_BYTES = 64 << 20
 
 # pipeline field: (type, min, max); the ranges hold every SD1/2/XL-family model with a wide margin
@@ -49,7 +49,13 @@ _PIPELINE = {
     "scaling_factor": (float, 1e-6, 1e3),
     "prediction_type": (str, None, None),
 }
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+# Flux's fields, checked when present (kiln dirs of SD pipelines do not have them)
+_OPTIONAL = {
+    "text_sequence": (int, 0, 4096),
+    "t5_vocab_size": (int, 0, 1 << 24),
+    "shift_factor": (float, -1e3, 1e3),
+}
 
 
 def inside(root: Path, rel, what: str) -> Path:
@@ -147,7 +153,8 @@ def validate(manifest, where: Path) -> None:
     if not isinstance(manifest.get("format_version"), int) or isinstance(manifest["format_version"], bool):
         raise bad("format_version", "is missing or not an integer")
     pipeline = manifest["pipeline"]
-    for key, (kind, low, high) in _PIPELINE.items():
+    optional = {k: v for k, v in _OPTIONAL.items() if k in pipeline}
+    for key, (kind, low, high) in {**_PIPELINE, **optional}.items():
         value = pipeline.get(key)
         number = kind in (int, float) and not isinstance(value, bool) and isinstance(value, int | float)
         if (kind is str and not isinstance(value, str)) or (kind in (int, float) and not number):
@@ -156,6 +163,8 @@ def validate(manifest, where: Path) -> None:
             raise bad(f"pipeline.{key}", f"is {value!r}, not an integer")
         if number and not (math.isfinite(value) and low <= value <= high):
             raise bad(f"pipeline.{key}", f"is {value!r}, outside {low}..{high}")
+    if not isinstance(pipeline.get("guidance_embeds", False), bool):
+        raise bad("pipeline.guidance_embeds", "is not true or false")
     if pipeline["kind"] not in PIPELINE_KINDS:
         raise bad("pipeline.kind", f"is {pipeline['kind']!r}, not one of {', '.join(PIPELINE_KINDS)}")
     if pipeline["prediction_type"] not in PREDICTION_TYPES:

@@ -5,7 +5,11 @@ runtime feeds by them. Pure Python + numpy so every stage (and the slim runtime)
 
 Symbolic dims: `batch`, latent `height`/`width` (image size / 8), image `image_height`/`image_width`, and the
 UNet's text `sequence` (77 per prompt chunk: prompts over 75 tokens are encoded in chunks whose embeddings are
-concatenated, so the UNet takes 77·n tokens). Text encoders always take exactly 77 tokens.
+concatenated, so the UNet takes 77·n tokens). CLIP text encoders always take exactly 77 tokens.
+
+Flux (`kind` "flux"): CLIP gives the pooled prompt, T5 (`text_encoder_2`) the token states over `text_sequence`
+tokens, and the diffusion `transformer` takes the latents packed in 2×2 patches, `image_tokens` = (h/2)(w/2)
+rows of 4·C values, with their positions (`img_ids`, `txt_ids`) and, for guidance-distilled models, `guidance`.
 
 Two contracts: diffkiln's own (int32 `input_ids`, timestep [B], `penultimate_hidden_state` beside optimum's names)
 and `optimum`, what `optimum-cli export onnx` writes (int64 `input_ids`, a scalar timestep, SDXL's penultimate
@@ -55,10 +59,24 @@ class PipelineInfo:
     # (0 or missing: none, as in kilns exported before them and in optimum's SD1/2 exports)
     text_layers: tuple[int, ...] = ()
     contract: str = "diffkiln"  # see the module docstring
+    # Flux: T5's token count (max_sequence_length) and vocabulary, the VAE's latent shift, distilled guidance
+    text_sequence: int = 0
+    t5_vocab_size: int = 0
+    shift_factor: float = 0.0
+    guidance_embeds: bool = False
 
     @property
     def is_sdxl(self) -> bool:
         return self.kind == "sdxl"
+
+    @property
+    def is_flux(self) -> bool:
+        return self.kind == "flux"
+
+    @property
+    def denoiser(self) -> str:
+        """The component that denoises: `unet`, or Flux's `transformer`."""
+        return "transformer" if self.is_flux else "unet"
 
     def layers(self, encoder: int) -> int:
         """L of text encoder `encoder` (0-based): its graph gives hidden_states.0…L; 0 when it gives none."""
@@ -122,6 +140,22 @@ def _tensor_json(t: TensorSpec) -> dict:
 def _draw(t: TensorSpec, shape: tuple[int, ...], info: PipelineInfo, rng: np.random.Generator) -> np.ndarray:
     if t.values == "timestep":
         return np.asarray(rng.uniform(0, 999, size=shape), dtype=t.dtype)  # shape () stays an array
+    if t.values == "sigma":  # Flux's timestep: the flow-matching sigma in (0, 1]
+        return rng.uniform(0.05, 1.0, size=shape).astype(t.dtype)
+    if t.values == "guidance":
+        return rng.uniform(1.0, 5.0, size=shape).astype(t.dtype)
+    if t.values == "positions":  # img_ids: (0, row, column) of each patch; txt_ids: zeros
+        ids = np.zeros(shape, t.dtype)
+        ids[:, 1:] = rng.integers(0, 64, size=(shape[0], 2))
+        return ids
+    if t.values == "zeros":
+        return np.zeros(shape, t.dtype)
+    if t.values == "t5_tokens":  # prompt tokens, </s> (1), then <pad> (0), as T5's tokenizer pads
+        ids = rng.integers(3, info.t5_vocab_size, size=shape)
+        for row in ids:
+            n = rng.integers(1, shape[-1])
+            row[n], row[n + 1 :] = 1, 0
+        return ids.astype(t.dtype)
     if t.values == "tokens":
         # <bos> prompt tokens <eos> padding: a random prompt length per row, padded with eos as CLIP does
         ids = rng.integers(0, info.eos_token_id - 1, size=shape)
@@ -132,8 +166,9 @@ def _draw(t: TensorSpec, shape: tuple[int, ...], info: PipelineInfo, rng: np.ran
     return rng.standard_normal(shape).astype(t.dtype)
 
 
-def dims(batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]:
-    """All symbolic dims for a batch at a latent size, with `chunks` 77-token prompt chunks."""
+def dims(batch: int, height: int, width: int, chunks: int = 1, text_sequence: int = 0) -> dict[str, int]:
+    """All symbolic dims for a batch at a latent size, with `chunks` 77-token prompt chunks (and Flux's T5
+    `text_sequence` tokens)."""
     return {
         "batch": batch,
         "height": height,
@@ -141,14 +176,17 @@ def dims(batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]
         "image_height": height * VAE_SCALE,
         "image_width": width * VAE_SCALE,
         "sequence": SEQUENCE_LENGTH * chunks,
+        "image_tokens": (height // 2) * (width // 2),
+        "text_sequence": text_sequence,
     }
 
 
 def parity_dims(info: PipelineInfo) -> list[dict[str, int]]:
     """The two shapes every stage checks parity at: batch 1 square with one prompt chunk (the export's trace
-    shape), and batch 2 non-square with two chunks (proves the dynamic axes)."""
+    shape), and batch 2 non-square with two chunks (proves the dynamic axes; Flux: a shorter T5 sequence)."""
     side = max(8, 2**info.num_down)
-    return [dims(1, side, side), dims(2, side, 2 * side, chunks=2)]
+    text = info.text_sequence
+    return [dims(1, side, side, text_sequence=text), dims(2, side, 2 * side, chunks=2, text_sequence=max(1, text // 2))]
 
 
 def text_encoder_spec(
@@ -186,6 +224,39 @@ def penultimate_output(info: PipelineInfo, encoder: int) -> str:
     return "penultimate_hidden_state"
 
 
+def flux_specs(info: PipelineInfo) -> list[ComponentSpec]:
+    """CLIP (pooled prompt), T5 (token states) and the Flux transformer over packed latents."""
+    text = ("batch", "text_sequence")
+    tokens = ("batch", "image_tokens", 4 * info.latent_channels)
+    s, seq = info.sample_size, info.text_sequence
+    spatial = {"height": (s // 4, s, 2 * s), "width": (s // 4, s, 2 * s)}
+    inputs = (
+        TensorSpec("hidden_states", "float32", tokens),
+        TensorSpec("encoder_hidden_states", "float32", (*text, info.cross_attention_dim)),
+        TensorSpec("pooled_projections", "float32", ("batch", info.text_embeds_dim)),
+        TensorSpec("timestep", "float32", ("batch",), values="sigma"),
+        TensorSpec("img_ids", "float32", ("image_tokens", 3), values="positions"),
+        TensorSpec("txt_ids", "float32", ("text_sequence", 3), values="zeros"),
+    )
+    if info.guidance_embeds:
+        inputs += (TensorSpec("guidance", "float32", ("batch",), values="guidance"),)
+    return [
+        text_encoder_spec("text_encoder", info.text_hidden[0], with_projection=False, layers=info.layers(0)),
+        ComponentSpec(
+            "text_encoder_2",
+            (TensorSpec("input_ids", "int32", text, values="t5_tokens"),),
+            (TensorSpec("last_hidden_state", "float32", (*text, info.text_hidden[1])),),
+            {"batch": (1, 2, 8), "text_sequence": (1, seq, seq)},
+        ),
+        ComponentSpec(
+            "transformer",
+            inputs,
+            (TensorSpec("out_hidden_states", "float32", tokens),),
+            {"batch": (1, 1, 8), "text_sequence": (1, seq, seq), **spatial},
+        ),
+    ]
+
+
 def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
     """The contracts of every component of a pipeline, in export order."""
     latent = ("batch", info.latent_channels, "height", "width")
@@ -194,6 +265,8 @@ def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
     spatial = {"height": (s // 2, s, 2 * s), "width": (s // 2, s, 2 * s)}
     batch = {"batch": (1, 2, 8)}
     contract = info.contract
+    if info.is_flux:
+        return {spec.name: spec for spec in flux_specs(info) + _vae_specs(info, latent, image, spatial)}
     specs = [
         text_encoder_spec(
             "text_encoder", info.text_hidden[0], with_projection=False, layers=info.layers(0), contract=contract
@@ -221,13 +294,19 @@ def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
             TensorSpec("text_embeds", "float32", ("batch", info.text_embeds_dim)),
             TensorSpec("time_ids", "float32", ("batch", info.time_ids_dim)),
         )
-    specs += [
+    specs.append(
         ComponentSpec(
             "unet",
             unet_in,
             (TensorSpec("out_sample", "float32", latent),),
             {**batch, **spatial, "sequence": (SEQUENCE_LENGTH, SEQUENCE_LENGTH, 3 * SEQUENCE_LENGTH)},
-        ),
+        )
+    )
+    return {spec.name: spec for spec in specs + _vae_specs(info, latent, image, spatial)}
+
+
+def _vae_specs(info: PipelineInfo, latent: tuple, image: tuple, spatial: dict) -> list[ComponentSpec]:
+    return [
         ComponentSpec(
             "vae_decoder",
             (TensorSpec("latent_sample", "float32", latent),),
@@ -241,4 +320,3 @@ def component_specs(info: PipelineInfo) -> dict[str, ComponentSpec]:
             {"batch": (1, 1, 8), **spatial},
         ),
     ]
-    return {spec.name: spec for spec in specs}

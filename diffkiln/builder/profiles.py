@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from diffkiln.errors import DiffkilnError
 from diffkiln.specs import VAE_SCALE
 
-CFG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # they take [uncond, cond] in one batch
+CFG_COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "unet",
+    "transformer",
+)  # [neg; pos] rows with (true) CFG  # they take [uncond, cond] in one batch
 
 
 def parse_range(text: str | None, what: str) -> tuple[int, int, int] | None:
@@ -63,6 +68,10 @@ def dim_ranges(component: str, contract_profile: dict, request: ShapeRequest) ->
     for side in ("height", "width"):
         if side in ranges:
             ranges[f"image_{side}"] = tuple(VAE_SCALE * v for v in ranges[side])
+    if "height" in ranges and "width" in ranges:  # Flux's packed latents: one token per 2×2 latent patch
+        ranges["image_tokens"] = tuple(
+            (h // 2) * (w // 2) for h, w in zip(ranges["height"], ranges["width"], strict=True)
+        )
     return ranges
 
 

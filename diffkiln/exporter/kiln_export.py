@@ -192,6 +192,9 @@ def _run_torch(model, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict
 def _trace(model, spec: ComponentSpec, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
     import torch
 
+    from diffkiln.exporter import symbolics
+
+    symbolics.register(opset)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"  # the tiny presets' small BPE
+T5_TOKENIZER_DIR = Path(__file__).parent / "assets" / "t5_tokenizer"  # a small T5-style Unigram (tools/)
 CLIP_VOCAB_DIR = Path(__file__).parent / "assets" / "clip_vocab"  # OpenAI's CLIP BPE, 49,408 tokens
 SEED = 20261122
 
@@ -26,15 +27,16 @@ def tokenizer_eos_id(folder: Path = TOKENIZER_DIR) -> int:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    kind: str  # sd1 | sd2 | sdxl
-    unet: dict
+    kind: str  # sd1 | sd2 | sdxl | flux
+    unet: dict  # UNet2DConditionModel kwargs; Flux: FluxTransformer2DModel kwargs
     vae: dict
-    text_encoders: tuple[dict, ...]  # CLIPTextConfig kwargs; the SDXL second one has a projection
+    text_encoders: tuple[dict, ...]  # CLIPTextConfig kwargs (SDXL's second has a projection); Flux's second: T5Config
     scheduler: dict
     description: str = ""
     extra: dict = field(default_factory=dict)
     tokenizer: Path = TOKENIZER_DIR  # the folder every tokenizer[_2]/ is copied from
     pads: tuple[str | None, ...] = ()  # per tokenizer, a pad token other than eos (SD 2.x, SDXL's tokenizer_2: "!")
+    max_sequence_length: int = 0  # Flux: T5 tokens per prompt (FluxPipeline's max_sequence_length)
 
 
 def _clip(hidden, layers, heads, intermediate, act="quick_gelu", projection=None, vocab=49408) -> dict:
@@ -94,6 +96,49 @@ _SD15_UNET = {
     "layers_per_block": 2,
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
+}
+
+
+def _t5(d_model, layers, heads, d_kv, d_ff, vocab=0) -> dict:
+    """T5 v1.1 encoder kwargs (gated GELU feed-forward, as FLUX's and SD3's T5-XXL); vocab 0: the tokenizer's."""
+    return {
+        "d_model": d_model,
+        "num_layers": layers,
+        "num_heads": heads,
+        "d_kv": d_kv,
+        "d_ff": d_ff,
+        "vocab_size": vocab,
+        "feed_forward_proj": "gated-gelu",
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    }
+
+
+_FLUX_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+_FLUX_VAE = {  # FLUX.1's VAE: 16 latent channels, no quant convs, a shift before the scale
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }
 
 PRESETS: dict[str, Preset] = {
@@ -191,6 +236,55 @@ PRESETS: dict[str, Preset] = {
             description="Stable Diffusion XL base architecture (CLIP-L + OpenCLIP-bigG, 2.6B UNet), random weights",
             tokenizer=CLIP_VOCAB_DIR,
             pads=(None, "!"),
+        ),
+        Preset(
+            "tiny-flux",
+            "flux",
+            unet={  # diffusers' own FLUX test configuration, with guidance embeddings (FLUX.1-dev's form)
+                "patch_size": 1,
+                "in_channels": 16,
+                "num_layers": 1,
+                "num_single_layers": 1,
+                "attention_head_dim": 16,
+                "num_attention_heads": 2,
+                "joint_attention_dim": 32,
+                "pooled_projection_dim": 32,
+                "guidance_embeds": True,
+                "axes_dims_rope": [4, 4, 8],
+            },
+            vae={
+                **_TINY_VAE,
+                "scaling_factor": 0.3611,
+                "shift_factor": 0.1159,
+                "use_quant_conv": False,
+                "use_post_quant_conv": False,
+            },
+            text_encoders=(_clip(32, 2, 4, 64, vocab=1000), _t5(32, 2, 4, 8, 64)),
+            scheduler=_FLUX_SCHEDULER,
+            description="FLUX.1-shaped toy: CLIP + T5, a dual- and a single-stream block, flow matching",
+            max_sequence_length=32,
+        ),
+        Preset(
+            "flux-shaped",
+            "flux",
+            unet={  # FLUX.1-dev's widths (3072 hidden, 24 heads, 4096 T5 width) with 1 + 2 of its 19 + 38 blocks
+                "patch_size": 1,
+                "in_channels": 64,
+                "num_layers": 1,
+                "num_single_layers": 2,
+                "attention_head_dim": 128,
+                "num_attention_heads": 24,
+                "joint_attention_dim": 4096,
+                "pooled_projection_dim": 768,
+                "guidance_embeds": True,
+                "axes_dims_rope": [16, 56, 56],
+            },
+            vae=_FLUX_VAE,
+            text_encoders=(_clip(768, 12, 12, 3072), _t5(4096, 2, 64, 64, 10240, vocab=32128)),
+            scheduler=_FLUX_SCHEDULER,
+            description="FLUX.1-dev widths with 1 + 2 transformer blocks and 2 T5-XXL layers (per-block cost)",
+            tokenizer=CLIP_VOCAB_DIR,
+            max_sequence_length=512,
         ),
     ]
 }

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from diffkiln import __version__
 from diffkiln.errors import SourceError
-from diffkiln.exporter.presets import SEED, Preset, tokenizer_eos_id
-from diffkiln.specs import PipelineInfo
+from diffkiln.exporter.presets import SEED, T5_TOKENIZER_DIR, Preset, tokenizer_eos_id
+from diffkiln.specs import VAE_SCALE, PipelineInfo
 
 BUNDLED = {"demo": Path(__file__).resolve().parents[1] / "assets" / "demo"}  # folders shipped in the package
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -27,9 +27,11 @@ MODULE_OF = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
     "unet": "unet",
+    "transformer": "transformer",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
 }
+FLUX_SEQUENCE = 512  # FluxPipeline's default max_sequence_length (FLUX.1-dev; schnell was trained with 256)
 
 
 class Source:
@@ -40,11 +42,14 @@ class Source:
 
     @property
     def components(self) -> list[str]:
+        if self.info.is_flux:
+            return ["text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"]
         names = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
         return [n for n in names if n != "text_encoder_2" or self.info.is_sdxl]
 
     def load(self, module: str):
-        """The torch module (fp32, eval mode) named as in a diffusers folder: text_encoder[_2], unet, vae."""
+        """The torch module (fp32, eval mode) named as in a diffusers folder: text_encoder[_2], unet or
+        transformer, vae."""
         raise NotImplementedError
 
     def copy_tokenizers(self, out: Path) -> list[str]:
@@ -67,21 +72,31 @@ class PresetSource(Source):
         self.ref = preset.name
         self.eos = tokenizer_eos_id(preset.tokenizer)
         texts = list(preset.text_encoders)
-        self.info = _info(preset.kind, preset.unet, preset.vae, texts, preset.scheduler, self.eos)
+        if preset.kind == "flux":
+            t5 = texts[1]
+            texts[1] = {**t5, "vocab_size": t5["vocab_size"] or t5_vocab_size(T5_TOKENIZER_DIR)}
+            self.info = _flux_info(preset.unet, preset.vae, texts, self.eos, preset.max_sequence_length)
+        else:
+            self.info = _info(preset.kind, preset.unet, preset.vae, texts, preset.scheduler, self.eos)
+        self.texts = texts
 
     def load(self, module: str):
         import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+        from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
         p = self.preset
         # one seed per module, so a component's weights do not depend on what was built before it
-        offset = ["text_encoder", "text_encoder_2", "unet", "vae"].index(module)
+        offset = ["text_encoder", "text_encoder_2", "unet", "vae", "transformer"].index(module)
         torch.manual_seed(SEED + offset)
         if module == "unet":
             model = UNet2DConditionModel(**p.unet)
+        elif module == "transformer":
+            model = FluxTransformer2DModel(**p.unet)
         elif module == "vae":
             model = AutoencoderKL(**p.vae)
+        elif self.info.is_flux and module == "text_encoder_2":
+            model = T5EncoderModel(T5Config(**self.texts[1]))
         else:
             config = CLIPTextConfig(**self.text_config(offset))
             model = CLIPTextModelWithProjection(config) if offset == 1 else CLIPTextModel(config)
@@ -95,8 +110,8 @@ class PresetSource(Source):
     def copy_tokenizers(self, out: Path) -> list[str]:
         p = self.preset
         names = ["tokenizer", "tokenizer_2"][: len(p.text_encoders)]
-        for name, pad in zip(names, p.pads or [None] * len(names), strict=True):
-            shutil.copytree(p.tokenizer, out / name)
+        for i, (name, pad) in enumerate(zip(names, p.pads or [None] * len(names), strict=True)):
+            shutil.copytree(T5_TOKENIZER_DIR if self.info.is_flux and i == 1 else p.tokenizer, out / name)
             for file in ("tokenizer_config.json", "special_tokens_map.json") if pad else ():
                 config = json.loads((out / name / file).read_text(encoding="utf-8"))
                 (out / name / file).write_text(json.dumps({**config, "pad_token": pad}, indent=2) + "\n")
@@ -109,8 +124,10 @@ class PresetSource(Source):
         import torch
 
         p = self.preset
-        tokens = [p.tokenizer.name, p.pads, self.eos]
-        blob = json.dumps([p.name, p.unet, p.vae, p.text_encoders, tokens, SEED, torch.__version__.split("+")[0]])
+        tokens = [p.tokenizer.name, p.pads, self.eos, p.max_sequence_length]
+        if self.info.is_flux:
+            tokens.append(hash_folder(T5_TOKENIZER_DIR))
+        blob = json.dumps([p.name, p.unet, p.vae, self.texts, tokens, SEED, torch.__version__.split("+")[0]])
         return "preset:" + hashlib.sha256((blob + __version__).encode()).hexdigest()[:32]
 
 
@@ -127,6 +144,9 @@ class FolderSource(Source):
         if not index_file.is_file():
             raise SourceError(f"{path} has no model_index.json; pass a diffusers model folder or a preset name")
         self.index = _read_json(index_file)
+        if "transformer" in self.index:
+            self._init_flux(path)
+            return
         sdxl = "text_encoder_2" in self.index
         required = self.REQUIRED + (("text_encoder_2", "tokenizer_2") if sdxl else ())
         missing = [m for m in required if not (self.path / m).is_dir()]
@@ -150,14 +170,39 @@ class FolderSource(Source):
             _eos_id(self.path / "tokenizer_2")  # read now: a bad one would only surface at `run` time
         self.info = _info(kind, configs["unet"], configs["vae"], texts, scheduler, eos)
 
+    def _init_flux(self, path: Path) -> None:
+        """A FluxPipeline folder: CLIP + T5 text encoders, FluxTransformer2DModel, a 16-channel VAE."""
+        required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae", "scheduler")
+        missing = [m for m in required if not (self.path / m).is_dir()]
+        if missing:
+            raise SourceError(f"{path} is missing {', '.join(missing)}/; a Flux folder needs {', '.join(required)}")
+        pipeline = self.index.get("_class_name", "")
+        if pipeline != "FluxPipeline":
+            raise SourceError(
+                f"{path} holds a {pipeline or 'transformer'} pipeline; diffkiln reads FluxPipeline folders"
+            )
+        for weights in sorted(self.path.glob("*/*.safetensors")):
+            _check_safetensors(weights)
+        texts = [_read_json(self.path / m / "config.json") for m in ("text_encoder", "text_encoder_2")]
+        transformer = _read_json(self.path / "transformer" / "config.json")
+        vae = _read_json(self.path / "vae" / "config.json")
+        self.scheduler_config()
+        eos = _eos_id(self.path / "tokenizer")
+        t5_vocab_size(self.path / "tokenizer_2")  # read now: a bad one would only surface at `run` time
+        self.info = _flux_info(transformer, vae, texts, eos, FLUX_SEQUENCE)
+
     def load(self, module: str):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
         folder = self.path / module
         try:
             if module == "unet":
                 model = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
+            elif module == "transformer":
+                model = FluxTransformer2DModel.from_pretrained(folder, local_files_only=True)
+            elif module == "text_encoder_2" and self.info.is_flux:
+                model, report = T5EncoderModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
             elif module == "vae":
                 model = AutoencoderKL.from_pretrained(folder, local_files_only=True)
             else:
@@ -202,6 +247,26 @@ def hash_file(h, path: Path) -> None:
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
             h.update(chunk)
+
+
+def hash_folder(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        hash_file(h, f)
+    return h.hexdigest()
+
+
+def t5_vocab_size(folder: Path) -> int:
+    """Tokens in a T5 tokenizer folder's `tokenizer.json` (its Unigram vocabulary plus added tokens)."""
+    config = _read_json(folder / "tokenizer.json")
+    vocab = config.get("model", {}).get("vocab") if isinstance(config, dict) else None
+    if not isinstance(vocab, list) or not vocab:
+        raise SourceError(f"{folder}/tokenizer.json is not a T5 (Unigram) tokenizer; the model folder is incomplete")
+    added = [
+        t.get("id") for t in config.get("added_tokens", []) if isinstance(t, dict) and isinstance(t.get("id"), int)
+    ]
+    return max([len(vocab) - 1, *added]) + 1
 
 
 def _eos_id(folder: Path) -> int:
@@ -259,12 +324,35 @@ def _info(kind: str, unet: dict, vae: dict, texts: list[dict], scheduler: dict, 
     )
 
 
+def _flux_info(transformer: dict, vae: dict, texts: list[dict], eos: int, text_sequence: int) -> PipelineInfo:
+    clip, t5 = texts
+    return PipelineInfo(
+        kind="flux",
+        text_hidden=(clip.get("hidden_size", 768), t5.get("d_model", 4096)),
+        vocab_size=clip.get("vocab_size", 49408),
+        eos_token_id=eos,
+        cross_attention_dim=transformer.get("joint_attention_dim", 4096),
+        latent_channels=transformer.get("in_channels", 64) // 4,
+        text_embeds_dim=transformer.get("pooled_projection_dim", 768),
+        sample_size=max(vae.get("sample_size", 1024) // VAE_SCALE, 2),
+        num_down=1,  # latents are packed in 2×2 patches
+        scaling_factor=vae.get("scaling_factor", 0.3611),
+        prediction_type="flow",
+        text_sequence=text_sequence,
+        t5_vocab_size=t5.get("vocab_size", 32128),
+        shift_factor=vae.get("shift_factor") or 0.0,
+        guidance_embeds=bool(transformer.get("guidance_embeds", False)),
+    )
+
+
 def save_as_folder(source: PresetSource, path: Path) -> Path:
     """Write a preset as a standard diffusers folder (diffusers' `DiffusionPipeline.from_pretrained` loads it),
     so references and other tools can run exactly the weights diffkiln exports."""
     import diffusers
 
     path = Path(path)
+    if source.info.is_flux:
+        return _save_flux_folder(source, path)
     sdxl = source.info.is_sdxl
     index = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
@@ -290,6 +378,37 @@ def save_as_folder(source: PresetSource, path: Path) -> Path:
             save_text_encoder(model, path / module)
         else:
             model.save_pretrained(path / module)
+    source.copy_tokenizers(path)
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(source.scheduler_config(), indent=2))
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def _save_flux_folder(source: PresetSource, path: Path) -> Path:
+    import diffusers
+
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    for module in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+        model = source.load(module)
+        if module == "text_encoder":
+            save_text_encoder(model, path / module)
+        else:
+            model.save_pretrained(path / module)
+        del model
     source.copy_tokenizers(path)
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(source.scheduler_config(), indent=2))

@@ -10,7 +10,7 @@ import numpy as np
 from diffkiln import kiln
 from diffkiln.errors import DiffkilnError
 from diffkiln.runtime import images, refit, schedulers
-from diffkiln.runtime.pipeline import GenerationParams, Pipeline
+from diffkiln.runtime.pipeline import GenerationParams, Pipeline, open_pipeline
 from diffkiln.runtime.runners import OrtRunner
 
 
@@ -25,6 +25,9 @@ def generate(
     runner_factory=None,
     **kw,
 ) -> list[Path]:
+    if kw.get("guidance") is None:  # the model's own default: SD's CFG 7.5, Flux's distilled guidance 3.5
+        flux = kiln.read_manifest(Path(kiln_dir))["pipeline"]["kind"] == "flux"
+        kw["guidance"] = 3.5 if flux else 7.5
     if kw.get("scheduler") not in schedulers.SAMPLERS:
         raise DiffkilnError(f"unknown sampler {kw.get('scheduler')!r}; choose one of {', '.join(schedulers.SAMPLERS)}")
     params = GenerationParams(**kw)
@@ -38,7 +41,7 @@ def generate(
         params.latents = _load_latents(latents_path)
     payload = refit.read_payload(refit_payload) if refit_payload is not None else None
 
-    with Pipeline(kiln_dir, runner_factory or OrtRunner) as pipe:
+    with open_pipeline(kiln_dir, runner_factory or OrtRunner) as pipe:
         if payload is not None:  # LoRAs swapped into refittable engines, from the base weights
             done = refit.apply(pipe.runners, refit.RefitState(), payload, kiln.manifest_sha256(kiln_dir), refit_payload)
             echo(f"refitted {done} engine(s) with {refit_payload}")

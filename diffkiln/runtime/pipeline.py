@@ -52,6 +52,7 @@ class GenerationParams:
     image: np.ndarray | None = None  # img2img: float32 [H, W, 3] in [0, 1]
     strength: float = 0.8
     latents: np.ndarray | None = None  # [B, 4, h, w] initial noise (unit variance)
+    true_cfg: float = 1.0  # Flux: true classifier-free guidance over the negative prompt when > 1
 
     def check(self) -> None:
         """The settings a model does not decide: raises a one-line DiffkilnError naming the option."""
@@ -63,8 +64,9 @@ class GenerationParams:
                 raise DiffkilnError(f"{option} is not valid UTF-8 text; pass it as UTF-8") from None
         if not 1 <= self.steps <= MAX_STEPS:
             raise DiffkilnError(f"--steps {self.steps} must be in 1..{MAX_STEPS}")
-        if not math.isfinite(self.guidance) or not -100 <= self.guidance <= 100:
-            raise DiffkilnError(f"--guidance {self.guidance} must be a finite number in -100..100 (≤ 1: off)")
+        for option, value in (("--guidance", self.guidance), ("--true-cfg", self.true_cfg)):
+            if not math.isfinite(value) or not -100 <= value <= 100:
+                raise DiffkilnError(f"{option} {value} must be a finite number in -100..100 (≤ 1: off)")
         if not 1 <= self.batch <= MAX_BATCH:
             raise DiffkilnError(f"--batch {self.batch} must be in 1..{MAX_BATCH}")
         if not (0.0 < self.strength <= 1.0):
@@ -110,6 +112,15 @@ class Result:
         return (self.images * 255).round().astype(np.uint8)
 
 
+def open_pipeline(kiln_dir: Path, runner_factory=OrtRunner, **kw) -> Pipeline:
+    """The pipeline a kiln dir holds: `Pipeline` (SD1/2/XL) or `flux.FluxPipeline`."""
+    if kiln.read_manifest(Path(kiln_dir))["pipeline"]["kind"] == "flux":
+        from diffkiln.runtime.flux import FluxPipeline
+
+        return FluxPipeline(kiln_dir, runner_factory, **kw)
+    return Pipeline(kiln_dir, runner_factory, **kw)
+
+
 class Pipeline:
     """A kiln directory, ready to generate. Sessions are created once and kept for every call.
 
@@ -117,6 +128,8 @@ class Pipeline:
     runners that do not read that file (a Triton pipeline model calls the component models served beside it):
     the kiln dir then needs only its manifest, tokenizers and scheduler config, and the path names the component.
     """
+
+    denoiser = "unet"  # the component run every step
 
     def __init__(self, kiln_dir: Path, runner_factory=OrtRunner, *, local_graphs: bool = True):
         self.kiln_dir = Path(kiln_dir)
@@ -172,7 +185,7 @@ class Pipeline:
     @property
     def backend(self) -> str:
         """What ran the UNet, with its precision where the backend chooses one: `onnxruntime`, `openvino f32`."""
-        unet = self.runners["unet"]
+        unet = self.runners[self.denoiser]
         hint = getattr(unet, "precision_hint", None)
         return f"{unet.name} {hint}" if hint else unet.name
 
@@ -318,7 +331,7 @@ class Pipeline:
     @property
     def max_side(self) -> int:
         """The largest image side in pixels: the UNet's recorded shape profile (2× the native size)."""
-        profile = self.manifest["components"]["unet"].get("contract", {}).get("profile", {})
+        profile = self.manifest["components"][self.denoiser].get("contract", {}).get("profile", {})
         sides = [profile.get(k, [0, 0, 0])[-1] for k in ("height", "width")]
         if all(isinstance(v, int) and v > 0 for v in sides):
             return min(sides) * VAE_SCALE

@@ -1,0 +1,112 @@
+"""Flux: the tiny-flux preset exported with parity (CLIP, T5, the transformer, the 16-channel-style VAE), and
+`diffkiln run` reproducing diffusers' FluxPipeline image from the same latents (≥ 40 dB), with distilled
+guidance and with true CFG; a FluxPipeline folder exports the same graphs as the preset it was saved from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from diffkiln import kiln
+from diffkiln.bench.fidelity import psnr
+from diffkiln.cli import main
+from diffkiln.exporter import export, open_source
+from diffkiln.exporter.sources import save_as_folder
+from diffkiln.runtime import flow
+from diffkiln.runtime.pipeline import GenerationParams, open_pipeline
+
+MIN_PSNR_DB = 40.0
+
+
+def quiet(_msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return save_as_folder(open_source("tiny-flux"), tmp_path_factory.mktemp("flux") / "folder")
+
+
+@pytest.fixture(scope="module")
+def flux_kiln(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flux") / "kiln"
+    export(open_source("tiny-flux"), out, log=quiet)
+    return out
+
+
+def test_export_records_the_flux_contract_and_parity(flux_kiln):
+    manifest = kiln.read_manifest(flux_kiln)
+    assert manifest["pipeline"]["kind"] == "flux" and manifest["pipeline"]["text_sequence"] == 32
+    assert list(manifest["components"]) == ["text_encoder", "text_encoder_2", "transformer", "vae_decoder",
+                                            "vae_encoder"]  # fmt: skip
+    transformer = manifest["components"]["transformer"]
+    names = [t["name"] for t in transformer["contract"]["inputs"]]
+    assert names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                     "guidance"]  # fmt: skip
+    assert transformer["contract"]["inputs"][0]["shape"] == ["batch", "image_tokens", 16]
+    for name, record in manifest["components"].items():
+        assert record["parity"]["worst_rel_err"] <= 1e-4, name
+    import onnx
+
+    graph = onnx.load(flux_kiln / "transformer" / "model.onnx").graph
+    double = onnx.TensorProto.DOUBLE  # the rotary embedding runs in fp32 (TensorRT has no float64)
+    assert not any(n.op_type == "Cast" and any(a.i == double for a in n.attribute) for n in graph.node)
+    assert manifest["components"]["transformer"]["weights_mapped"] > 10  # LoRA-touchable Linear weights
+    assert kiln.read_manifest(flux_kiln)["interop"]["model_index"]["_class_name"] == "FluxPipeline"
+
+
+def _reference(folder, prompt, latents, height, width, steps, **kw):
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    packed = torch.from_numpy(flow.pack_latents(latents))
+    with torch.no_grad():
+        out = pipe(prompt, latents=packed, height=height, width=width, num_inference_steps=steps,
+                   max_sequence_length=32, output_type="np", **kw)  # fmt: skip
+    return out.images
+
+
+@pytest.mark.parametrize(
+    ("size", "guidance", "true_cfg"), [((64, 64), 3.5, 1.0), ((64, 128), 5.0, 1.0), ((64, 64), 3.5, 4.0)]
+)
+def test_run_reproduces_diffusers_flux_pipeline(flux_kiln, flux_folder, size, guidance, true_cfg):
+    height, width = size
+    latents = np.random.default_rng(3).standard_normal((1, 4, height // 8, width // 8), dtype=np.float32)
+    prompt, negative = "a red circle on a blue background", "blurry"
+    extra = {"negative_prompt": negative, "true_cfg_scale": true_cfg} if true_cfg > 1 else {}
+    ref = _reference(flux_folder, prompt, latents, height, width, 4, guidance_scale=guidance, **extra)
+    params = GenerationParams(prompt, negative, steps=4, guidance=guidance, true_cfg=true_cfg, height=height,
+                              width=width, latents=latents)  # fmt: skip
+    with open_pipeline(flux_kiln) as pipe:
+        got = pipe(params).images
+    assert got.shape == ref.shape == (1, height, width, 3)
+    assert psnr(got, ref) >= MIN_PSNR_DB
+
+
+def test_cli_run_on_the_preset_writes_a_png(flux_kiln, tmp_path):
+    out = tmp_path / "f.png"
+    result = CliRunner().invoke(main, ["run", "a cat", "-m", str(flux_kiln), "--steps", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as img:
+        assert img.size == (64, 64) and "CFG scale: 3.5" in img.text["parameters"]
+    bad = CliRunner().invoke(main, ["run", "a cat", "-m", str(flux_kiln), "--sampler", "ddim", "-o", str(out)])
+    assert bad.exit_code == 1 and "flow-matching Euler" in bad.output
+
+
+def test_folder_exports_the_same_graphs_as_the_preset(flux_folder, flux_kiln, tmp_path):
+    from diffkiln.parity import ort_session
+    from diffkiln.specs import PipelineInfo, component_specs, parity_dims
+
+    out = tmp_path / "from-folder"
+    export(open_source(str(flux_folder)), out, log=quiet)
+    info = PipelineInfo.from_json(kiln.read_manifest(flux_kiln)["pipeline"])
+    assert PipelineInfo.from_json(kiln.read_manifest(out)["pipeline"]).text_sequence == 512  # FluxPipeline's
+    for name in ("text_encoder", "text_encoder_2", "transformer"):
+        spec = component_specs(info)[name]
+        feeds = spec.sample_inputs(parity_dims(info)[0], info, seed=1)
+        a = ort_session(kiln.model_path(flux_kiln, name)).run(None, feeds)
+        b = ort_session(kiln.model_path(out, name)).run(None, feeds)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), name
