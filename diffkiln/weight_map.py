@@ -33,9 +33,10 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 def torch_name(component: str, name: str) -> str:
     """The parameter name as checkpoints and LoRA files spell it, whatever the library version: the wrapper's
     `model.` prefix removed, and CLIP weights under `text_model.` (transformers 5 flattened CLIPTextModel)."""
-    if component in ("unet", *TEXT_ENCODERS):
+    if component in ("unet", "transformer", *TEXT_ENCODERS):
         name = name.removeprefix("model.")
-    if component in TEXT_ENCODERS and not name.startswith(("text_model.", "text_projection.")):
+    t5 = name.startswith(("shared.", "encoder.block.", "encoder.final_layer_norm."))  # Flux's text_encoder_2
+    if component in TEXT_ENCODERS and not t5 and not name.startswith(("text_model.", "text_projection.")):
         name = "text_model." + name
     return name
 

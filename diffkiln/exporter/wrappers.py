@@ -128,7 +128,8 @@ class FluxTransformer(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        model.pos_embed = Fp32RotaryEmbedding(model.pos_embed.theta, list(model.pos_embed.axes_dim))
+        if not isinstance(model.pos_embed, Fp32RotaryEmbedding):
+            model.pos_embed = Fp32RotaryEmbedding(model.pos_embed.theta, list(model.pos_embed.axes_dim))
         self.model = model
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,

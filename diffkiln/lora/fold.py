@@ -122,7 +122,7 @@ def fold_loras(
 
 def lora_delta(module: LoraModule, scale: float, shape: tuple[int, ...], transposed: bool) -> np.ndarray:
     """s · (α/r) · up @ down in the initializer's layout `shape` (float32)."""
-    down, up = module.file.get(module.down_key), module.file.get(module.up_key)
+    down, up = module.file.get(module.down_key), module.up()
     rank = down.shape[0]
     up2 = up.reshape(up.shape[0], rank) * np.float32(scale * module.factor)  # [out, r]
     down2 = down.reshape(rank, -1)  # [r, in·kh·kw]

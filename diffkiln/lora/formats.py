@@ -65,10 +65,19 @@ class LoraModule:
     alpha: float | None  # None: alpha = rank
     rslora: bool
     file: TensorFile
+    rows: tuple[int, int] | None = None  # (first, end) rows of `up` this weight takes (a fused Flux qkv), or all
 
     @property
     def rank(self) -> int:
         return self.file.shape(self.down_key)[0]
+
+    def up_shape(self) -> tuple[int, ...]:
+        shape = self.file.shape(self.up_key)
+        return shape if self.rows is None else (self.rows[1] - self.rows[0], *shape[1:])
+
+    def up(self):
+        up = self.file.get(self.up_key)
+        return up if self.rows is None else up[self.rows[0] : self.rows[1]]
 
     @property
     def factor(self) -> float:
@@ -78,7 +87,7 @@ class LoraModule:
 
     def fit_error(self, weight_shape: tuple[int, ...]) -> str | None:
         """Why down/up cannot update a weight of this (torch) shape, or None when they fit."""
-        down, up = self.file.shape(self.down_key), self.file.shape(self.up_key)
+        down, up = self.file.shape(self.down_key), self.up_shape()
         where = f"{self.component} {self.weight}"
         if len(down) not in (2, 4) or len(up) not in (2, 4) or (len(up) == 4 and up[2:] != (1, 1)):
             return f"{where}: unsupported LoRA shapes down {list(down)}, up {list(up)}"
@@ -121,15 +130,30 @@ def read_lora(path: Path, resolver: Resolver) -> LoraFile:
     )
     for module, roles in groups.items():
         target = resolver.kohya(module) if kohya else resolver.diffusers(module)
-        result.components.add(_component_named(module, kohya))
-        if target is None:
+        split = resolver.bfl(module) if kohya and target is None else None
+        result.components.add("transformer" if split else _component_named(module, kohya))
+        if target is None and not split:
             result.unmatched.append(module)
         elif "down" not in roles or "up" not in roles:
             result.incomplete.append(module)
         else:
             alpha, rslora = _alpha(module, roles, file, meta, kohya)
-            result.modules.append(LoraModule(*target, roles["down"], roles["up"], alpha, rslora, file))
+            parts = [(*target, None)] if target else _rows(split, file.shape(roles["up"])[0])
+            for component, weight, rows in parts:
+                result.modules.append(
+                    LoraModule(component, weight, roles["down"], roles["up"], alpha, rslora, file, rows)
+                )
     return result
+
+
+def _rows(split: list[tuple[str, str, tuple[int, int]]], total: int) -> list[tuple[str, str, tuple[int, int]]]:
+    """The (first, end) rows of a fused up for each target, from their shares (a total that does not divide
+    evenly is left to fit_error, which names the weight it does not fit)."""
+    unit, start, parts = total // split[0][2][1], 0, []
+    for component, weight, (share, _) in split:
+        parts.append((component, weight, (start, start + share * unit)))
+        start += share * unit
+    return parts
 
 
 def _group(keys: list[str], kohya: bool) -> tuple[dict[str, dict[str, str]], list[str]]:

@@ -9,6 +9,10 @@ LoRA files spell module paths three ways:
 * diffusers / peft: `unet.down_blocks.0.…attn1.to_q` — the module path itself, after a component prefix.
   transformers 5 drops CLIP's `text_model.` level, so `text_encoder.encoder.layers.0…` is tried with it too.
 * old diffusers attention processors: `…attn1.processor.to_q_lora` (UNet) or `…self_attn.to_q_lora` (CLIP).
+* Flux: diffusers `transformer.single_transformer_blocks.0.attn.to_q`, kohya-flattened diffusers names
+  (`lora_transformer_…`), and the original (BFL) names kohya's sd-scripts and ComfyUI write,
+  `lora_unet_double_blocks_0_img_attn_qkv`, whose fused q/k/v (and single blocks' q/k/v/mlp `linear1`) update is
+  split by rows onto diffusers' separate projections (`FLUX_FUSED`, `bfl`).
 """
 
 from __future__ import annotations
@@ -16,8 +20,28 @@ from __future__ import annotations
 import re
 
 KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"))
-KOHYA_PREFIXES += (("lora_te_", "text_encoder"),)
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES += (("lora_te_", "text_encoder"), ("lora_transformer_", "transformer"))
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+# BFL block parts → diffusers modules; several targets share the LoRA's down and split its up by rows, in order
+# (single blocks' linear1 is q, k, v and the 4×-wide MLP input: rows 1/7, 1/7, 1/7, 4/7)
+FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+FLUX_SHARES = {4: (1, 1, 1, 4), 3: (1, 1, 1), 1: (1,)}  # row shares of the fused up, by target count
 # SGM resnet submodules → diffusers names (flattened)
 _SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj"}
 _SGM_RESNET |= {"skip_connection": "conv_shortcut"}
@@ -61,6 +85,23 @@ class Resolver:
                 return None
         return None
 
+    def bfl(self, lora_name: str) -> list[tuple[str, str, tuple[int, int]]] | None:
+        """`lora_unet_double_blocks_0_img_attn_qkv` → [(transformer, torch weight, (row share, of shares)), …]
+        for a Flux kiln; None when the name is not a BFL block part this kiln has."""
+        m = re.fullmatch(r"lora_unet_(double|single)_blocks_(\d+)_(\w+)", lora_name)
+        if m is None or "transformer" not in self.names:
+            return None
+        kind, index, part = m.groups()
+        modules = (FLUX_DOUBLE if kind == "double" else FLUX_SINGLE).get(part)
+        prefix = "transformer_blocks" if kind == "double" else "single_transformer_blocks"
+        if modules is None:
+            return None
+        weights = [f"{prefix}.{index}.{name}.weight" for name in modules]
+        if not all(w in self.names["transformer"] for w in weights):
+            return None
+        shares = FLUX_SHARES[len(modules)]
+        return [("transformer", w, (share, sum(shares))) for w, share in zip(weights, shares, strict=True)]
+
     def diffusers(self, module: str) -> tuple[str, str] | None:
         """`unet.down_blocks.0.….to_q` / `text_encoder.encoder.layers.0.self_attn.q_proj` → (component, weight)."""
         module = module.removeprefix("base_model.model.")
@@ -68,8 +109,8 @@ class Resolver:
         order = [component] if component in COMPONENTS else list(COMPONENTS)
         rest = rest if component in COMPONENTS else module
         for comp in order:
-            path = _processor_free(rest, "unet" if comp == "unet" else "text")
-            for candidate in (path, "text_model." + path) if comp != "unet" else (path,):
+            path = _processor_free(rest, "text" if comp.startswith("text_encoder") else "unet")
+            for candidate in (path, "text_model." + path) if comp.startswith("text_encoder") else (path,):
                 if candidate + ".weight" in self.names.get(comp, ()):
                     return comp, candidate + ".weight"
         return None

@@ -100,9 +100,13 @@ class FluxPipeline(Pipeline):
             fixed["guidance"] = np.full(rows, params.guidance, np.float32)
         runner = self.runners["transformer"]
 
+        # what FluxPipeline feeds: the timestep t = 1000·σ in float32, divided by 1000 again (not always σ's bits)
+        timestep = dict(zip(sigmas[:-1].tolist(), flow.flow_timesteps(sigmas) / np.float32(1000), strict=True))
+
         def velocity(x_in: np.ndarray, sigma: float) -> np.ndarray:
             tokens = np.concatenate([x_in, x_in]) if true_cfg else x_in
-            feeds = {"hidden_states": tokens.astype(np.float32), "timestep": np.full(rows, sigma, np.float32)}
+            t = timestep[float(sigma)]
+            feeds = {"hidden_states": tokens.astype(np.float32), "timestep": np.full(rows, t, np.float32)}
             v = self._infer("transformer", {**feeds, **fixed})["out_hidden_states"]
             timings.unet_steps.append(runner.last_inference_time)
             if not true_cfg:
