@@ -61,7 +61,7 @@ def record(
     log: Callable[[str], None] = print,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """component → its recorded feeds, in call order (for the UNet: prompt-major, step-minor)."""
-    from diffkiln.runtime.pipeline import GenerationParams, Pipeline
+    from diffkiln.runtime.pipeline import GenerationParams, open_pipeline
     from diffkiln.runtime.runners import OrtRunner
 
     recorded: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}
@@ -79,7 +79,7 @@ def record(
             runner._infer = recording
         return runner
 
-    with Pipeline(kiln_dir, factory) as pipe:
+    with open_pipeline(kiln_dir, factory) as pipe:
         for i, prompt in enumerate(prompts):
             params = GenerationParams(
                 prompt, steps=steps, guidance=guidance, scheduler=sampler, seed=seed + i, height=height, width=width

@@ -226,3 +226,19 @@ def test_bfl_linear1_split_matches_its_diffusers_form(flux_kiln, tmp_path):
     a, b, base = (ComponentGraph(d / "transformer") for d in (tmp_path / "bfl", tmp_path / "split", flux_kiln))
     changed = [n for n in a.tensors if not np.array_equal(a.read(n), base.read(n))]
     assert len(changed) == 4 and all(np.allclose(a.read(n), b.read(n), rtol=1e-6, atol=1e-7) for n in a.tensors)
+
+
+@pytest.mark.parametrize(("target", "op"), [("ort-cpu", "MultiHeadAttention"), ("tensorrt", "Softmax")])
+def test_joint_attention_fuses_on_both_targets(flux_kiln, tmp_path, target, op):
+    """tiny-flux has one dual-stream and one single-stream block: both joint attentions fuse (RoPE before them)."""
+    import onnx
+
+    from diffkiln.optimizers.optimize import optimize
+
+    report = optimize(flux_kiln, target, out=tmp_path / target, log=quiet)
+    transformer = report["components"]["transformer"]
+    assert transformer["counts"]["attention"] == 2 and transformer["parity"]["worst_rel_err"] <= 1e-4
+    graph = onnx.load(tmp_path / target / "transformer" / "model.onnx").graph
+    assert sum(n.op_type == op for n in graph.node) == 2
+    if target == "tensorrt":  # canonical form: the shape-computing scale chains are gone
+        assert not any(n.op_type == "Sqrt" and "attn/Sqrt" in n.name for n in graph.node)  # (norm_q's stay)

@@ -26,8 +26,8 @@ TARGETS = ("ort-cpu", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 # what --precision converts unless --components says otherwise: fp16 everything, int8 the UNet (where the time is)
 PRECISION_COMPONENTS = {
-    "fp16": ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
-    "int8": ("unet",),
+    "fp16": ("text_encoder", "text_encoder_2", "unet", "transformer", "vae_decoder", "vae_encoder"),
+    "int8": ("unet", "transformer"),
 }
 TENSORRT_OPSET = 21
 
@@ -50,9 +50,31 @@ def to_opset(version: int) -> Pass:
         if current >= version:
             return 0
         onnxscript.version_converter.convert_version(model, version)
+        if current < 18 <= version:
+            _reduce_axes_as_inputs(model)
         return 1
 
     return convert
+
+
+# opset 18 moved `axes` of these from an attribute to an input (ReduceSum did at 13)
+REDUCE_18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+             "ReduceLogSumExp", "ReduceSumSquare"}  # fmt: skip
+
+
+def _reduce_axes_as_inputs(model: ir.Model) -> None:
+    """The opset-18 adapter onnxscript's converter lacks (it leaves `axes` attributes, which opset 18 rejects):
+    each Reduce* `axes` attribute becomes an int64 initializer input. T5's RMS norm (Flux's text_encoder_2)
+    exports as Pow → ReduceMean; SD graphs have no such node."""
+    import numpy as np
+
+    for node in list(model.graph):
+        if node.op_type in REDUCE_18 and node.domain in ("", "ai.onnx") and "axes" in node.attributes:
+            axes = node.attributes.pop("axes").as_ints()
+            value = ir.Value(name=f"{node.name or node.op_type}_axes", const_value=ir.tensor(np.array(axes, np.int64)))
+            model.graph.register_initializer(value)
+            node.resize_inputs(2)
+            node.replace_input_with(1, value)
 
 
 def preset(target: str, precision: str = "fp32", attention: str | None = None) -> list[tuple[str, Pass]]:

@@ -59,9 +59,15 @@ def islands_from_ranges(model: onnx.ModelProto, amax: dict[str, float], data_max
     made_by = producers(model)
     data_max = min(data_max, FP16_MAX)  # past fp16's largest value is an overflow, whatever the caller asked
     kept = {}
+    nodes = {n.name: n for n in model.graph.node}
     for node in model.graph.node:
         if node.op_type in NORMALIZATION:
             kept[node.name] = f"{node.op_type}: normalization statistics"
+            # T5's RMS norm casts to fp32 before its Pow: that Cast joins the island (converted, ORT's float16
+            # converter leaves the Pow reading fp16, and the graph does not load)
+            for name in node.input:
+                if name in made_by and nodes[made_by[name]].op_type == "Cast":
+                    kept.setdefault(made_by[name], "Cast into normalization statistics")
     users: dict[str, list[str]] = {}
     for node in model.graph.node:
         for name in node.input:
