@@ -242,3 +242,36 @@ def test_joint_attention_fuses_on_both_targets(flux_kiln, tmp_path, target, op):
     assert sum(n.op_type == op for n in graph.node) == 2
     if target == "tensorrt":  # canonical form: the shape-computing scale chains are gone
         assert not any(n.op_type == "Sqrt" and "attn/Sqrt" in n.name for n in graph.node)  # (norm_q's stay)
+
+
+def test_t5_fp16_island_is_found_on_a_constructed_overflow(flux_folder, flux_kiln, tmp_path):
+    """T5's feed-forward output overflows fp16 in the real T5-XXL; here its first `wo` is scaled until it does.
+    The fp16 stage must keep it in fp32 from its measured range (not from a name list: the unscaled T5 keeps no
+    `wo`), and the fp16 T5 must still match fp32."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import T5EncoderModel
+
+    from diffkiln.calibration import optimize_with_calibration
+
+    folder = shutil.copytree(flux_folder, tmp_path / "big-t5")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    with torch.no_grad():
+        t5.encoder.block[0].layer[1].DenseReluDense.wo.weight *= 3e4
+    t5.save_pretrained(folder / "text_encoder_2")
+    big = tmp_path / "kiln"
+    export(open_source(str(folder)), big, log=quiet)
+
+    def islands(kiln_dir, out):
+        optimize_with_calibration(kiln_dir, "tensorrt", "fp16", count=2, components=["text_encoder_2"], out=out,
+                                  log=quiet)  # fmt: skip
+        return json.loads((out / "precision_report.json").read_text())["components"]["text_encoder_2"]
+
+    record = islands(big, tmp_path / "big-fp16")
+    wo = "/model/encoder/block.0/layer.1/DenseReluDense/wo/MatMul"
+    assert record["islands"][wo].startswith("output |x| up to") and "> 8192" in record["islands"][wo]
+    assert record["fidelity"]["psnr_db"] >= 35
+    plain = islands(flux_kiln, tmp_path / "plain-fp16")
+    assert not any("/wo/" in name for name in plain["islands"])  # measured, not named
