@@ -53,7 +53,7 @@ def record(
     components: Sequence[str],
     *,
     steps: int = 20,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     sampler: str = "euler",
     height: int | None = None,
     width: int | None = None,
@@ -80,6 +80,7 @@ def record(
         return runner
 
     with open_pipeline(kiln_dir, factory) as pipe:
+        guidance = guidance if guidance is not None else 3.5 if pipe.denoiser == "transformer" else 7.5
         for i, prompt in enumerate(prompts):
             params = GenerationParams(
                 prompt, steps=steps, guidance=guidance, scheduler=sampler, seed=seed + i, height=height, width=width
@@ -99,6 +100,7 @@ def optimize_with_calibration(
     *,
     prompts_file: Path | None = None,
     count: int = 4,
+    size: int | None = None,
     components: list[str] | None = None,
     options=None,
     recipe_file: Path | None = None,
@@ -124,10 +126,11 @@ def optimize_with_calibration(
             "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
             "prompts": len(prompts),
             "steps": CALIBRATION_STEPS,
+            **({"size": size} if size else {}),
         }
 
         def calibration(chosen: list[str]) -> dict:
-            return record(kiln_dir, prompts, chosen, steps=CALIBRATION_STEPS, log=log)
+            return record(kiln_dir, prompts, chosen, steps=CALIBRATION_STEPS, height=size, width=size, log=log)
 
     return optimize(
         kiln_dir,

@@ -197,6 +197,12 @@ def lora(kiln_dir, out, refit_payload, force, loras, embeddings, allow_partial):
 )
 @click.option("--calib-prompts", type=click.IntRange(1, 256), default=4, show_default=True, help="Prompts to record.")
 @click.option(
+    "--calib-size",
+    type=click.IntRange(16, 4096),
+    help="Image side (pixels) of the calibration generations (default: the model's native size; smaller is "
+    "faster for big models such as Flux, ranges then come from fewer tokens).",
+)
+@click.option(
     "--recipe",
     "recipe_file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -229,8 +235,8 @@ def lora(kiln_dir, out, refit_payload, force, loras, embeddings, allow_partial):
 @lora_options
 @user_errors
 def optimize(
-    kiln_dir, target, precision, calibration_file, calib_prompts, recipe_file, min_psnr, percentile, smooth,
-    fp16_io, components_csv, out, force, loras, embeddings, allow_partial,
+    kiln_dir, target, precision, calibration_file, calib_prompts, calib_size, recipe_file, min_psnr, percentile,
+    smooth, fp16_io, components_csv, out, force, loras, embeddings, allow_partial,
 ):  # fmt: skip
     """Rewrite every graph of KILN_DIR for a target (fusions counted, parity checked) and report what changed.
 
@@ -253,6 +259,7 @@ def optimize(
         precision,
         prompts_file=calibration_file,
         count=calib_prompts,
+        size=calib_size,
         components=components,
         options=PrecisionOptions(percentile=percentile, min_psnr=min_psnr, fp16_io=fp16_io, smooth=smooth),
         recipe_file=recipe_file,
