@@ -65,9 +65,13 @@ def _terminate(signum, frame):
     help="Comma-separated subset: text_encoder,text_encoder_2,unet,vae_decoder,vae_encoder (default: all).",
 )
 @click.option("--opset", type=int, help="ONNX opset (14..20; default 17).")
+@click.option(
+    "--text-encoders",
+    help="Flux: CLIP_L.safetensors,T5.safetensors (ComfyUI's single files) for a folder without its encoders.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing kiln directory / re-export even if up to date.")
 @user_errors
-def export(source, out, arch, components, opset, force):
+def export(source, out, arch, components, opset, text_encoders, force):
     """Export SOURCE to ONNX with proven parity. SOURCE is a local diffusers folder, a single-file checkpoint
     (an A1111/ComfyUI *.safetensors with UNet, VAE and text encoders; pickles such as .ckpt are refused), the
     bundled demo model or a preset.
@@ -80,15 +84,20 @@ def export(source, out, arch, components, opset, force):
 
     log = lambda msg: click.echo(msg, err=True)  # noqa: E731
     if out is None:
-        if components or opset is not None or arch:
-            raise click.UsageError("--components/--opset/--arch need -o OUT: the cache holds default exports")
+        if components or opset is not None or arch or text_encoders:
+            raise click.UsageError(
+                "--components/--opset/--arch/--text-encoders need -o OUT: the cache holds default exports"
+            )
         from diffkiln.models import export_to_cache
 
         click.echo(f"wrote {export_to_cache(source, force=force, log=log)}")
         return
     names = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
     options = ExportOptions(components=names, force=force, **({} if opset is None else {"opset": opset}))
-    run_export(open_source(source, arch), out, options, log=log)
+    files = tuple(Path(p.strip()) for p in text_encoders.split(",")) if text_encoders else None
+    if files is not None and len(files) != 2:
+        raise click.UsageError("--text-encoders takes two files: CLIP_L.safetensors,T5.safetensors")
+    run_export(open_source(source, arch, files), out, options, log=log)
     click.echo(f"wrote {out}")
 
 

@@ -275,3 +275,37 @@ def test_t5_fp16_island_is_found_on_a_constructed_overflow(flux_folder, flux_kil
     assert record["fidelity"]["psnr_db"] >= 35
     plain = islands(flux_kiln, tmp_path / "plain-fp16")
     assert not any("/wo/" in name for name in plain["islands"])  # measured, not named
+
+
+def test_single_file_text_encoders_give_the_folders_embeddings(flux_folder, flux_kiln, tmp_path):
+    """ComfyUI's DualCLIPLoader files (clip_l.safetensors with `text_model.` keys, a T5 file without the tied
+    `encoder.embed_tokens`) as the text encoders of a Flux folder that lacks them: the same embeddings."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from diffkiln.parity import ort_session
+    from diffkiln.specs import PipelineInfo, component_specs, parity_dims
+
+    clip = CLIPTextModel.from_pretrained(flux_folder / "text_encoder").state_dict()
+    clip = {(k if k.startswith("text_model.") else f"text_model.{k}"): v.contiguous() for k, v in clip.items()}
+    t5 = T5EncoderModel.from_pretrained(flux_folder / "text_encoder_2").state_dict()
+    t5 = {k: v.clone().contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"}
+    save_file(clip, str(tmp_path / "clip_l.safetensors"))
+    save_file(t5, str(tmp_path / "t5xxl.safetensors"))
+    bare = shutil.copytree(flux_folder, tmp_path / "bare", ignore=shutil.ignore_patterns("text_encoder*"))
+    out = tmp_path / "kiln"
+    files = f"{tmp_path / 'clip_l.safetensors'},{tmp_path / 't5xxl.safetensors'}"
+    swapped = ",".join(reversed(files.split(",")))
+    args = ["export", str(bare), "--components", "text_encoder,text_encoder_2", "--text-encoders"]
+    result = CliRunner().invoke(main, [*args, files, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    info = PipelineInfo.from_json(kiln.read_manifest(flux_kiln)["pipeline"])
+    for name in ("text_encoder", "text_encoder_2"):
+        feeds = component_specs(info)[name].sample_inputs(parity_dims(info)[0], info, seed=2)
+        want = ort_session(kiln.model_path(flux_kiln, name)).run(None, feeds)
+        got = ort_session(kiln.model_path(out, name)).run(None, feeds)
+        assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)), name
+    bad = CliRunner().invoke(main, [*args, swapped, "-o", str(tmp_path / "k2")])
+    assert bad.exit_code == 1 and "not a CLIP text encoder" in bad.output and not (tmp_path / "k2").exists()

@@ -12,7 +12,7 @@ from diffkiln.exporter.single_file import SingleFileSource
 from diffkiln.exporter.sources import BUNDLED, HUB_ID, PICKLES, FolderSource, PresetSource, Source
 
 
-def open_source(ref: str, arch: str | None = None) -> Source:
+def open_source(ref: str, arch: str | None = None, text_encoders: tuple[Path, Path] | None = None) -> Source:
     """A preset name, a bundled model ("demo"), a local diffusers folder or a single-file checkpoint
     (`*.safetensors`, `arch` one of single_file.ARCHS or detected from its keys); anything else gets a one-line
     error saying what to pass."""
@@ -26,7 +26,9 @@ def open_source(ref: str, arch: str | None = None) -> Source:
     if ref in BUNDLED:
         return FolderSource(BUNDLED[ref])
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, text_encoders)
+    if text_encoders:
+        raise SourceError(f"--text-encoders needs a Flux diffusers folder as SOURCE; {ref} is not a folder")
     presets = ", ".join([*BUNDLED, *PRESETS])
     if path.suffix.lower() in PICKLES and path.exists():
         raise SourceError(

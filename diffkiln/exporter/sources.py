@@ -137,9 +137,10 @@ class FolderSource(Source):
     kind = "folder"
     REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, text_encoders: tuple[Path, Path] | None = None):
         self.path = path.resolve()
         self.ref = str(self.path)
+        self.text_encoders = tuple(Path(p) for p in text_encoders) if text_encoders else None
         index_file = self.path / "model_index.json"
         if not index_file.is_file():
             raise SourceError(f"{path} has no model_index.json; pass a diffusers model folder or a preset name")
@@ -147,6 +148,8 @@ class FolderSource(Source):
         if "transformer" in self.index:
             self._init_flux(path)
             return
+        if self.text_encoders:
+            raise SourceError("--text-encoders is for Flux folders (CLIP-L + T5 files); this folder is not one")
         sdxl = "text_encoder_2" in self.index
         required = self.REQUIRED + (("text_encoder_2", "tokenizer_2") if sdxl else ())
         missing = [m for m in required if not (self.path / m).is_dir()]
@@ -173,6 +176,10 @@ class FolderSource(Source):
     def _init_flux(self, path: Path) -> None:
         """A FluxPipeline folder: CLIP + T5 text encoders, FluxTransformer2DModel, a 16-channel VAE."""
         required = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae", "scheduler")
+        if self.text_encoders:  # ComfyUI's clip_l + t5xxl files instead of the folder's encoders
+            required = tuple(m for m in required if not m.startswith("text_encoder"))
+            if len(self.text_encoders) != 2 or not all(p.is_file() for p in self.text_encoders):
+                raise SourceError("--text-encoders takes two existing files: CLIP_L.safetensors,T5.safetensors")
         missing = [m for m in required if not (self.path / m).is_dir()]
         if missing:
             raise SourceError(f"{path} is missing {', '.join(missing)}/; a Flux folder needs {', '.join(required)}")
@@ -183,7 +190,15 @@ class FolderSource(Source):
             )
         for weights in sorted(self.path.glob("*/*.safetensors")):
             _check_safetensors(weights)
-        texts = [_read_json(self.path / m / "config.json") for m in ("text_encoder", "text_encoder_2")]
+        if self.text_encoders:
+            from diffkiln.exporter import text_encoder_files
+
+            texts = [
+                text_encoder_files.clip_config(self.text_encoders[0]),
+                text_encoder_files.t5_config(self.text_encoders[1]),
+            ]
+        else:
+            texts = [_read_json(self.path / m / "config.json") for m in ("text_encoder", "text_encoder_2")]
         transformer = _read_json(self.path / "transformer" / "config.json")
         vae = _read_json(self.path / "vae" / "config.json")
         self.scheduler_config()
@@ -196,6 +211,11 @@ class FolderSource(Source):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
         folder = self.path / module
+        if self.text_encoders and module.startswith("text_encoder"):
+            from diffkiln.exporter import text_encoder_files
+
+            index = int(module == "text_encoder_2")
+            return text_encoder_files.load(self.text_encoders[index], ("clip", "t5")[index], self.info.eos_token_id)
         try:
             if module == "unet":
                 model = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
@@ -234,6 +254,7 @@ class FolderSource(Source):
         """sha256 over every config and weight file (weights are streamed, never held in memory)."""
         h = hashlib.sha256(b"diffkiln-folder/2")
         files = sorted((f.relative_to(self.path).as_posix(), f) for f in self.path.rglob("*") if f.is_file())
+        files += [(f"--text-encoders/{i}", p) for i, p in enumerate(self.text_encoders or ())]
         for rel, f in files:  # every field length-framed: no two different folders hash the same stream
             name = rel.encode("utf-8", "surrogateescape")
             h.update(len(name).to_bytes(8, "little") + name)
