@@ -61,7 +61,8 @@ def record(
     log: Callable[[str], None] = print,
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """component → its recorded feeds, in call order (for the UNet: prompt-major, step-minor)."""
-    from diffkiln.runtime.pipeline import GenerationParams, open_pipeline
+    from diffkiln.runtime.pipeline import GenerationParams
+    from diffkiln.runtime.pipelines import open_pipeline
     from diffkiln.runtime.runners import OrtRunner
 
     recorded: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}

@@ -15,7 +15,8 @@ from diffkiln.cli import main
 from diffkiln.exporter import export, open_source
 from diffkiln.exporter.sources import save_as_folder
 from diffkiln.runtime import flow
-from diffkiln.runtime.pipeline import GenerationParams, open_pipeline
+from diffkiln.runtime.pipeline import GenerationParams
+from diffkiln.runtime.pipelines import open_pipeline
 
 MIN_PSNR_DB = 40.0
 

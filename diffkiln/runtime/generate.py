@@ -10,7 +10,8 @@ import numpy as np
 from diffkiln import kiln
 from diffkiln.errors import DiffkilnError
 from diffkiln.runtime import images, refit, schedulers
-from diffkiln.runtime.pipeline import GenerationParams, Pipeline, open_pipeline
+from diffkiln.runtime.pipeline import GenerationParams, Pipeline
+from diffkiln.runtime.pipelines import open_pipeline
 from diffkiln.runtime.runners import OrtRunner
 
 

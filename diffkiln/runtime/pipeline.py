@@ -112,15 +112,6 @@ class Result:
         return (self.images * 255).round().astype(np.uint8)
 
 
-def open_pipeline(kiln_dir: Path, runner_factory=OrtRunner, **kw) -> Pipeline:
-    """The pipeline a kiln dir holds: `Pipeline` (SD1/2/XL) or `flux.FluxPipeline`."""
-    if kiln.read_manifest(Path(kiln_dir))["pipeline"]["kind"] == "flux":
-        from diffkiln.runtime.flux import FluxPipeline
-
-        return FluxPipeline(kiln_dir, runner_factory, **kw)
-    return Pipeline(kiln_dir, runner_factory, **kw)
-
-
 class Pipeline:
     """A kiln directory, ready to generate. Sessions are created once and kept for every call.
 
