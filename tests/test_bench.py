@@ -359,3 +359,94 @@ def test_method_text_is_written_from_the_constants(monkeypatch):
     text = report.method()
     assert "cut to 3 steps" in text["interleaving"] and "a 0.5 s pause" in text["interleaving"]
     assert text["peak"].startswith("best of 9 square GEMMs") and "capped at 100 dB" in text["fidelity"]
+
+
+# ---- Flux: the transformer as the denoiser, distilled guidance, flow-matching Euler ------------------------------
+
+FLUX_REQUESTED = ["torch-fp32", "ort-fp32", "ort-opt", "openvino-fp32", "ort-sdopt"]
+
+
+@pytest.fixture(scope="module")
+def flux_cache(tmp_path_factory):
+    """One private cache for the Flux benches: tiny-flux is exported and optimized once."""
+    return tmp_path_factory.mktemp("flux-cache")
+
+
+@pytest.fixture(scope="module")
+def flux_bench(tmp_path_factory, flux_cache):
+    """tiny-flux through the reference, ORT (plain and optimized), OpenVINO and the SD-only peer optimizer."""
+    out = tmp_path_factory.mktemp("flux-bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFKILN_CACHE", str(flux_cache))
+        report = run_bench("tiny-flux", FLUX_REQUESTED, height=64, width=64, steps=3, runs=2, report_dir=out,
+                           log=lambda _: None)  # fmt: skip
+    return report, out
+
+
+def test_flux_bench_paths_reproduce_diffusers_flux_pipeline(flux_bench):
+    """Every ONNX path draws diffusers' FluxPipeline image from the same packed latents and distilled guidance."""
+    report, _ = flux_bench
+    assert list(report["paths"]) == FLUX_REQUESTED
+    assert report["subject"]["kind"] == "flux" and report["subject"]["denoiser"] == "transformer"
+    assert report["config"]["guidance"] == 3.5 and report["config"]["cfg"] is False
+    for name in ("torch-fp32", "ort-fp32", "ort-opt"):
+        path = report["paths"][name]
+        assert path["status"] == "ok", path["reason"]
+        assert path["latency"]["total"]["n"] == 2 * 2 and len(path["samples"][0]["unet_steps"]) == 3
+        assert path["memory"]["peak"] > 0 and path["efficiency"]["unet_flops_per_s"] > 0
+    for name in ("ort-fp32", "ort-opt"):
+        assert report["paths"][name]["fidelity"]["psnr_db"] >= 40, name
+    openvino = report["paths"]["openvino-fp32"]
+    assert openvino["fidelity"]["psnr_db"] >= 40 if openvino["status"] == "ok" else openvino["reason"]
+    assert report["paths"]["ort-sdopt"]["status"] == "skipped" and "no Flux" in report["paths"]["ort-sdopt"]["reason"]
+    assert report["flops"]["per_call"]["transformer"] > 0 and report["flops"]["unet_rows"] == 1
+
+
+def test_flux_report_names_the_transformer_stage(flux_bench):
+    _, out = flux_bench
+    text = (out / "report.md").read_text()
+    assert text.startswith("# diffkiln bench: tiny-flux (flux)") and "guidance 3.5" in text
+    assert "| transformer total ms | transformer/step ms |" in text and "UNet" not in text.split("## Method")[0]
+    assert (out / "images" / "ort-opt" / "p1-0.png").is_file()
+
+
+def test_flux_settings_are_checked_before_any_work(tmp_path):
+    from diffkiln.bench.torch_ref import build_pipeline
+    from diffkiln.exporter import open_source
+
+    flux, sd = open_source("tiny-flux").info, open_source("tiny").info
+    assert BenchConfig().fitted(flux, 64).guidance == 3.5 and BenchConfig().fitted(sd, 64).guidance == 7.5
+    assert BenchConfig(guidance=2.0).fitted(flux, 64).guidance == 2.0 and not BenchConfig().fitted(flux, 64).cfg
+    assert jobs(BenchConfig().fitted(flux, 64), flux.latent_channels)[0].latents.shape == (1, 4, 8, 8)
+    with pytest.raises(DiffkilnError, match="Flux samples with flow-matching Euler: use --sampler euler, not ddim"):
+        run_bench("tiny-flux", ["torch-fp32"], scheduler="ddim", report_dir=tmp_path, log=lambda _: None)
+    with pytest.raises(DiffkilnError, match="--width 72 must be a multiple of 16 for Flux"):
+        run_bench("tiny-flux", ["ort-fp32"], width=72, report_dir=tmp_path, log=lambda _: None)
+    with pytest.raises(DiffkilnError, match="flow-matching Euler"):
+        build_pipeline("tiny-flux", "ddim")
+
+
+def test_flux_components_kind_times_the_transformer(tmp_path, monkeypatch, flux_cache):
+    monkeypatch.setenv("DIFFKILN_CACHE", str(flux_cache))
+    out = tmp_path / "micro"
+    report = run_bench("tiny-flux", ["torch-fp32", "ort-opt"], kind="components", height=64, width=128, runs=2,
+                       report_dir=out, log=lambda _: None)  # fmt: skip
+    assert list(report["components"]) == ["transformer", "vae_decoder"]
+    for summary in report["components"].values():
+        assert list(summary["paths"]) == ["torch-fp32", "ort-opt"] and summary["gflop_per_call"] > 0
+    text = (out / "report.md").read_text()
+    assert "batch 1, median" in text and "| transformer | `ort-opt` |" in text  # no CFG rows: distilled guidance
+
+
+def test_flux_folder_source_runs_the_reference_with_its_t5_length(tmp_path, monkeypatch, flux_cache):
+    """A FluxPipeline folder: diffusers loads it (its own scheduler), T5 runs at the folder's 512 tokens on both
+    sides, and FLOPs come from its configs."""
+    from diffkiln.exporter import open_source
+    from diffkiln.exporter.sources import save_as_folder
+
+    monkeypatch.setenv("DIFFKILN_CACHE", str(flux_cache))
+    folder = save_as_folder(open_source("tiny-flux"), tmp_path / "flux-folder")
+    report = run_bench(str(folder), "torch-fp32,ort-fp32", steps=2, runs=1, warmup=0, report_dir=tmp_path / "r",
+                       log=lambda _: None)  # fmt: skip
+    assert report["paths"]["ort-fp32"]["fidelity"]["psnr_db"] >= 40, report["paths"]["ort-fp32"]
+    assert report["flops"]["per_call"]["text_encoder_2"] > 0

@@ -160,7 +160,7 @@ def test_sample_flow_euler_tracks_scheduler_step(name, steps, dtype):
     for i, t in enumerate(sched.timesteps):
         # what the transformer is given: timestep / 1000, in the latents' dtype
         sigma_in = (t.expand(ref.shape[0]).to(ref.dtype) / 1000)[0].item()
-        assert abs(sigma_in - float(sigmas[i])) <= 1e-6
+        assert abs(sigma_in - float(sigmas[i])) <= (1e-3 if dtype == np.float16 else 1e-6)  # fp16 timestep
         v = torch.from_numpy(fake_transformer(ref.numpy(), sigmas[i]))
         ref = sched.step(v, t, ref, return_dict=False)[0]
         assert ours[i].dtype == ref.numpy().dtype == dtype

@@ -11,7 +11,7 @@ from diffkiln.bench.paths import PathDef
 from diffkiln.bench.subject import Subject
 from diffkiln.bench.workers import Worker, WorkerError
 
-TXT2IMG = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+TXT2IMG = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae_decoder")  # those a kiln has
 
 
 def base_kiln(tools: Worker, subject: Subject) -> dict:
@@ -66,5 +66,5 @@ def source_bytes(source_ref: str | None) -> int | None:
     """Weight files of a diffusers folder (a preset's weights are generated in memory: None)."""
     if not source_ref or not Path(source_ref).is_dir():
         return None
-    folders = ("text_encoder", "text_encoder_2", "unet", "vae")
+    folders = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae")
     return sum(f.stat().st_size for d in folders for f in (Path(source_ref) / d).glob("*") if f.is_file())

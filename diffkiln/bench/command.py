@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from diffkiln.bench.config import KINDS, read_prompts
+from diffkiln.bench.config import DEFAULT_GUIDANCE, FLUX_GUIDANCE, KINDS, read_prompts
 from diffkiln.bench.paths import DEFAULT_PATHS, PATHS
 from diffkiln.runtime.schedulers import REGISTRY
 
@@ -33,7 +33,12 @@ OPTIONS = [
     click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True),
     click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True, help="Images per prompt."),
     click.option("--sampler", "--scheduler", "scheduler", default="euler", show_default=True, help=", ".join(REGISTRY)),
-    click.option("--guidance", type=float, default=7.5, show_default=True, help="CFG scale (≤1: off)."),
+    click.option(
+        "--guidance",
+        type=float,
+        help=f"CFG scale (≤1: off; default {DEFAULT_GUIDANCE}); Flux: its distilled guidance (default "
+        f"{FLUX_GUIDANCE}).",
+    ),
     click.option(
         "--prompts",
         "prompts_file",

@@ -1,7 +1,9 @@
 """diffkiln's runtime over a kiln directory, as a bench worker backend: ONNX Runtime, or OpenVINO as a peer.
 
-The pipeline is diffkiln's own (`runtime.pipeline.Pipeline`: tokenizer, numpy samplers, CFG as one 2·B UNet batch);
-only the runner behind each component changes. Its per-stage timings are the ones `diffkiln run` prints.
+The pipeline is diffkiln's own, the one `open_pipeline` picks for the kiln (`runtime.pipeline.Pipeline`: tokenizer,
+numpy samplers, CFG as one 2·B UNet batch; or `runtime.flux.FluxPipeline`: flow-matching Euler over packed latents,
+distilled guidance); only the runner behind each component changes. Its per-stage timings are the ones
+`diffkiln run` prints (Flux's transformer steps in `unet_steps`).
 """
 
 from __future__ import annotations
@@ -30,20 +32,21 @@ class KilnBackend:
         self.pipe = None
 
     def op_load(self) -> dict:
-        from diffkiln.runtime.pipeline import Pipeline
+        from diffkiln.runtime.pipelines import open_pipeline
 
         start = time.perf_counter()
-        self.pipe = Pipeline(self.kiln_dir, runner_factory=self.factory)
+        self.pipe = open_pipeline(self.kiln_dir, runner_factory=self.factory)
         seconds = time.perf_counter() - start
         info = {"seconds": seconds, "rss": memory()["rss"], "device": "cpu"}
+        denoiser = self.pipe.runners[self.pipe.denoiser]  # unet, or Flux's transformer
         if self.runtime == "ort":
-            session = self.pipe.runners["unet"].session
+            session = denoiser.session
             info["providers"] = session.get_providers()
             info["device"] = "cuda" if info["providers"][0] == "CUDAExecutionProvider" else "cpu"
         elif self.runtime == "tensorrt":
             info["device"] = "cuda"
         else:
-            info["precision_hint"] = self.pipe.runners["unet"].precision_hint
+            info["precision_hint"] = denoiser.precision_hint
         return info
 
     def op_generate(self, job) -> dict:

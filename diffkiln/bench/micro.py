@@ -1,43 +1,55 @@
-"""The bench's "components" kind: one component call (UNet step, VAE decode) per path instead of whole
-generations — where the end-to-end differences come from.
+"""The bench's "components" kind: one component call (UNet or Flux transformer step, VAE decode) per path instead
+of whole generations — where the end-to-end differences come from.
 
 `run_bench(..., kind="components")` runs it with the same skeleton (one worker per path, one-off work first, calls
 interleaved A B C A B C …); this module holds only what differs: the calls (the spec's seeded sample inputs at the
-bench shape: the UNet on 2·batch rows when guidance is on, one CFG step; the VAE decoder on batch latents), their
-summary and their tables.
+bench shape: the UNet on 2·batch rows when guidance is on, one CFG step; Flux's transformer on batch rows, its
+guidance being distilled; the VAE decoder on batch latents), their summary and their tables.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from diffkiln.bench.config import BenchConfig
 from diffkiln.bench.measure import stats
 from diffkiln.bench.paths import REFERENCE
+from diffkiln.bench.report import denoiser_label
 from diffkiln.bench.summary import peak_for
-from diffkiln.specs import VAE_SCALE, component_specs, dims
+from diffkiln.specs import VAE_SCALE, PipelineInfo, component_specs, dims
 
 FORMAT = "diffkiln-bench-components/1"
-COMPONENTS = ("unet", "vae_decoder")
 
 
-def component_feeds(info, component: str, config: BenchConfig) -> dict:
-    """Seeded sample inputs for one call of `component` at the config's size and batch."""
-    rows = 2 * config.batch if config.cfg and component == "unet" else config.batch
-    shape = dims(rows, config.height // VAE_SCALE, config.width // VAE_SCALE)
-    return component_specs(info)[component].sample_inputs(shape, info, seed=0)
+def components(info: PipelineInfo) -> tuple[str, ...]:
+    """The components timed, in call order: the denoiser (unet, or Flux's transformer) and the VAE decoder."""
+    return (info.denoiser, "vae_decoder")
+
+
+def component_feeds(info: PipelineInfo, component: str, config: BenchConfig) -> dict:
+    """Seeded sample inputs for one call of `component` at the config's size and batch (Flux: the T5 sequence the
+    kiln was exported for)."""
+    rows = 2 * config.batch if config.cfg and component == info.denoiser else config.batch
+    shape = dims(rows, config.height // VAE_SCALE, config.width // VAE_SCALE, text_sequence=info.text_sequence)
+    feeds = component_specs(info)[component].sample_inputs(shape, info, seed=0)
+    if "guidance" in feeds:  # Flux's distilled guidance: the bench's scale, not a random draw
+        feeds["guidance"] = np.full_like(feeds["guidance"], config.guidance)
+    return feeds
 
 
 def calls(subject, config: BenchConfig) -> list[tuple[str, dict]]:
     """One `time_component` call per component; warm-up rounds send the same calls."""
-    return [("time_component", {"component": c, "feeds": component_feeds(subject.info, c, config)}) for c in COMPONENTS]
+    info = subject.info
+    return [("time_component", {"component": c, "feeds": component_feeds(info, c, config)}) for c in components(info)]
 
 
-def record(run, index: int, seconds: float) -> None:
-    run.samples.append({"component": COMPONENTS[index], "seconds": seconds})
+def record(run, component: str, seconds: float) -> None:
+    run.samples.append({"component": component, "seconds": seconds})
 
 
 def summarize(session) -> dict:
     """The report's kind-specific part: per component, each path's latency, throughput and speedup."""
-    return {"components": {c: _component_summary(c, session) for c in COMPONENTS}}
+    return {"components": {c: _component_summary(c, session) for c in components(session.subject.info)}}
 
 
 def _component_summary(component: str, session) -> dict:
@@ -63,9 +75,10 @@ def _component_summary(component: str, session) -> dict:
 
 def markdown(result: dict) -> list[str]:
     c = result["config"]
+    cfg = f" ({denoiser_label(result)} on 2·batch rows: CFG)" if c["cfg"] else ""
     lines = [
         f"# diffkiln bench, one call per component: {result['subject']['ref']}, {c['height']}×{c['width']}, "
-        f"batch {c['batch']}{' (UNet on 2·batch rows: CFG)' if c['cfg'] else ''}, median of {c['runs']} calls",
+        f"batch {c['batch']}{cfg}, median of {c['runs']} calls",
         "",
         f"CPU: {result['environment']['cpu']['model']}; load average start / end: "
         f"{result['environment']['load_average_start']} / {result['environment']['load_average_end']}",

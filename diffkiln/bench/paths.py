@@ -31,7 +31,7 @@ PATHS: dict[str, PathDef] = {
         PathDef("ort-opt", "ort", "fp32", "optimize", "diffkiln runtime on `diffkiln optimize --target ort-cpu`"),
         PathDef("ort-fp16", "ort", "fp16", "optimize", "diffkiln runtime on the ort-cpu fp16 graphs"),
         PathDef("ort-int8", "ort", "int8", "optimize", "diffkiln runtime on the ort-cpu int8 graphs"),
-        PathDef("openvino-int8", "openvino", "int8", "optimize", "OpenVINO on diffkiln's int8 Q/DQ UNet, f32 hint"),
+        PathDef("openvino-int8", "openvino", "int8", "optimize", "OpenVINO on diffkiln's int8 Q/DQ denoiser, f32 hint"),
         PathDef("ort-sdopt", "ort", "fp32", "ortx", "peer: onnxruntime.transformers' stable-diffusion optimizer"),
         PathDef("openvino-fp32", "openvino", "fp32", "export", "peer: OpenVINO on the plain export, f32 hint"),
         PathDef("openvino-bf16", "openvino", "bf16", "export", "peer: OpenVINO on the plain export, bf16 hint"),
@@ -81,6 +81,8 @@ def skip_reason(path: PathDef, caps: dict) -> str | None:
             reasons.append(reason)
     if path.artifact in ("export", "optimize", "ortx", "engine") and not caps.get("kiln"):
         reasons.append("no kiln directory and nothing to export it from")
+    if path.artifact == "ortx" and caps.get("flux"):
+        reasons.append("onnxruntime.transformers' stable-diffusion optimizer has no Flux (transformer, T5) model type")
     if path.artifact == "optimize" and path.precision not in caps["ort_precisions"]:
         landed = ", ".join(caps["ort_precisions"])
         reasons.append(f"`diffkiln optimize --precision {path.precision}` has not landed yet (available: {landed})")

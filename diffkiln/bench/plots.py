@@ -9,6 +9,7 @@ import numpy as np
 
 from diffkiln.bench.fidelity import PSNR_CAP_DB
 from diffkiln.bench.paths import REFERENCE
+from diffkiln.bench.report import denoiser_label
 
 PARITY_DB = 40.0  # what the end-to-end parity tests demand of diffkiln against diffusers (tests/test_pipeline.py)
 
@@ -37,7 +38,8 @@ def latency_bars(report: dict, out: Path) -> None:
     fig = _figure(8, 1.2 + 0.55 * len(ran))
     ax = fig.add_subplot()
     left = np.zeros(len(ran))
-    for stage, label in STAGE_LABELS.items():
+    labels = {**STAGE_LABELS, "unet_total": f"{denoiser_label(report)} (all steps)"}
+    for stage, label in labels.items():
         widths = np.array([p["latency"][stage].get("median", 0.0) for _, p in ran])
         ax.barh([n for n, _ in ran], widths, left=left, label=label, color=COLORS[stage])
         left += widths

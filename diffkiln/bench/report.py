@@ -18,6 +18,8 @@ from diffkiln.bench.measure import GEMM_REPEATS
 from diffkiln.bench.paths import REFERENCE
 from diffkiln.bench.session import SETTLE_S
 
+DENOISER_LABELS = {"unet": "UNet", "transformer": "transformer"}
+
 
 def method() -> dict[str, str]:
     """How the bench measures, written from the constants that decide it (so the text cannot drift from them)."""
@@ -29,7 +31,8 @@ def method() -> dict[str, str]:
         "call lets the previous worker's thread pools go idle. With --one-at-a-time only one path is resident: each "
         "round starts, loads, warms up and closes every path in turn, so paths alternate per round",
         "timing": "wall clock (time.perf_counter) inside each worker; stages from diffkiln's runner timings, and for "
-        "torch from forward hooks on the text encoders and UNet and a wrapper around vae.decode",
+        "torch from forward hooks on the text encoders and the UNet (Flux: the transformer) and a wrapper around "
+        "vae.decode",
         "memory": "each path runs in its own worker process; peak RSS is the kernel's high-water mark (VmHWM) of "
         "that process over its whole life (model load included), so it counts the interpreter and libraries too; "
         "'after imports' is the RSS once the libraries are imported, before the model loads",
@@ -92,6 +95,11 @@ def _num(value, fmt: str = "{:.2f}", none: str = "—") -> str:
     return none if value is None else fmt.format(value)
 
 
+def _gflop(value: float) -> str:
+    """GFLOP with one decimal, or three significant digits below 1 (the tiny presets' denoisers)."""
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
 def _size(nbytes) -> str:
     return kiln.human_bytes(nbytes) if nbytes else "—"
 
@@ -134,9 +142,15 @@ def _paths(report: dict) -> list[str]:
     return ["", "## Paths", "", *_table(["path", "what", "status"], rows)]
 
 
+def denoiser_label(report: dict) -> str:
+    """How the tables name the denoiser, whose figures the report keys as "unet": UNet, or Flux's transformer."""
+    return DENOISER_LABELS.get(report["subject"].get("denoiser", "unet"), "UNet")
+
+
 def _latency(report: dict) -> list[str]:
-    header = ["path", "text enc ms", "UNet total ms", "UNet/step ms", "VAE decode ms", "other ms"]
-    header += ["end to end ms (min–max)", "it/s", "speedup e2e", "speedup UNet"]
+    d = denoiser_label(report)
+    header = ["path", "text enc ms", f"{d} total ms", f"{d}/step ms", "VAE decode ms", "other ms"]
+    header += ["end to end ms (min–max)", "it/s", "speedup e2e", f"speedup {d}"]
     rows = []
     for name, p in _ran(report):
         lat, total, speed = p["latency"], p["latency"]["total"], p.get("speedup", {})
@@ -151,7 +165,8 @@ def _latency(report: dict) -> list[str]:
 
 
 def _efficiency(report: dict) -> list[str]:
-    header = ["path", "UNet GFLOP/call", "UNet GFLOP/s", "of GEMM peak", "VAE decode GFLOP/s"]
+    d = denoiser_label(report)
+    header = ["path", f"{d} GFLOP/call", f"{d} GFLOP/s", "of GEMM peak", "VAE decode GFLOP/s"]
     rows = []
     for name, p in _ran(report):
         eff = p["efficiency"]
@@ -163,7 +178,7 @@ def _efficiency(report: dict) -> list[str]:
         rows.append(
             [
                 f"`{name}`",
-                f"{eff['unet_gflop_per_call']:.1f}",
+                _gflop(eff["unet_gflop_per_call"]),
                 f"{eff['unet_flops_per_s'] / 1e9:.1f}",
                 share,
                 f"{eff['vae_flops_per_s'] / 1e9:.1f}",

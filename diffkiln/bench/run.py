@@ -32,7 +32,7 @@ def run_bench(
     steps: int = 20,
     batch: int = 1,
     scheduler: str = "euler",
-    guidance: float = 7.5,
+    guidance: float | None = None,
     prompts: Sequence[str] | None = None,
     negative: str = "",
     runs: int = 3,
@@ -46,12 +46,14 @@ def run_bench(
     """Benchmark `paths` on a preset, diffusers folder or kiln directory; write report.md, report.json, PNG plots
     and images/ under `report_dir`; return the report (what report.json holds).
 
-    height/width default to the model's native size. Each of `runs` rounds generates every prompt once on every
+    height/width default to the model's native size, guidance to the model's (7.5; Flux: 3.5, its distilled
+    guidance; Flux samples with flow-matching Euler only). Each of `runs` rounds generates every prompt once on every
     path, after `warmup` unrecorded rounds of the same generations cut to WARMUP_STEPS steps (same shapes, so every
     one-time cost is paid). Paths that cannot run here are reported as skipped, with the reason.
     `one_at_a_time` keeps a single path in memory (each round starts, loads, warms up and closes every path in
     turn) for machines that cannot hold all paths at once; paths then alternate round by round.
-    `kind="components"` times one call of each component (UNet step, VAE decode) instead of generations.
+    `kind="components"` times one call of each component (UNet or Flux transformer step, VAE decode) instead of
+    generations.
     """
     if kind not in KINDS:
         raise DiffkilnError(f"unknown bench kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -72,7 +74,7 @@ def run_bench(
     config.check()
     out = _report_dir(Path(report_dir))
     subject = resolve(source_or_kiln)
-    config = config.sized(subject.native_size)
+    config = config.fitted(subject.info, subject.native_size)
     environment = env.environment()
     started = time.perf_counter()
 
@@ -81,14 +83,15 @@ def run_bench(
         calls = [("generate", {"job": job}) for job in work]
         warmup_calls = [("generate", {"job": replace(job, steps=min(job.steps, WARMUP_STEPS))}) for job in work]
     else:
+        components = micro.components(subject.info)
         calls = warmup_calls = micro.calls(subject, config)
     with BenchSession(subject, names, config, log, one_at_a_time) as session:
         for run, index, result, measured in session.interleaved(calls, config.runs, config.warmup, warmup_calls):
             note = "" if measured else " (warm-up)"
             if kind == "components":
-                log(f"  {run.name}: {micro.COMPONENTS[index]} in {result * 1e3:.1f} ms{note}")
+                log(f"  {run.name}: {components[index]} in {result * 1e3:.1f} ms{note}")
                 if measured:
-                    micro.record(run, index, result)
+                    micro.record(run, components[index], result)
                 continue
             log(f"  {run.name}: prompt {index + 1} in {result['stages']['total']:.2f} s{note}")
             if measured:

@@ -121,6 +121,7 @@ class BenchSession:
         caps["native_bf16"] = env.cpu()["native_bf16"]
         caps["source"], caps["source_problem"] = s.source_ref, s.source_problem
         caps["kiln"] = bool(s.kiln_dir or s.source_ref)
+        caps["flux"] = s.info.is_flux
         return caps
 
     def _probe(self, tools: Worker) -> None:

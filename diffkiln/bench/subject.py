@@ -32,6 +32,7 @@ class Subject:
         return {
             "ref": self.ref,
             "kind": self.info.kind,
+            "denoiser": self.info.denoiser,  # the stage the report's "unet_*" figures time: unet | transformer
             "source": self.source_ref,
             "kiln_dir": str(self.kiln_dir) if self.kiln_dir else None,
         }

@@ -4,6 +4,7 @@ Definitions (all medians over the measured generations: runs × prompts):
 - stages: text encoding, UNet (all steps), VAE decode, and "other" = end to end minus those three (scheduler
   arithmetic, tokenizing, image post-processing); per-step UNet latency is the median over every step's call.
 - it/s: denoising steps per second of UNet time, as `diffkiln run` and A1111 print it.
+- the "unet" figures are the denoiser's: the UNet, or Flux's transformer (report["subject"]["denoiser"]).
 - achieved FLOP/s: the UNet's counted FLOPs per call × calls per generation / UNet time; "of peak" divides it by
   this machine's measured GEMM peak in the path's precision (fp32: best of numpy and torch; bf16: torch bf16).
 - fidelity: each image against the reference path's image for the same prompt and initial noise.
@@ -44,14 +45,16 @@ def peak_for(precision: str, machine: dict) -> float | None:
     return flops.get(f"torch_{precision}")
 
 
-def efficiency(run: PathRun, samples: list[dict], flops: dict, machine: dict) -> dict:
-    """Achieved FLOP/s of the UNet and the VAE decoder, and the UNet's share of the measured GEMM peak."""
+def efficiency(run: PathRun, samples: list[dict], flops: dict, machine: dict, denoiser: str = "unet") -> dict:
+    """Achieved FLOP/s of the denoiser (`unet`, or Flux's `transformer`) and the VAE decoder, and the denoiser's
+    share of the measured GEMM peak (the keys say "unet" for either)."""
     per_call = flops.get("per_call")
-    if not per_call:
+    if not per_call or denoiser not in per_call:
         return {"reason": flops.get("reason", "FLOPs were not counted")}
-    unet = float(np.median([per_call["unet"] * len(s["unet_steps"]) / sum(s["unet_steps"]) for s in samples]))
+    step = per_call[denoiser]
+    unet = float(np.median([step * len(s["unet_steps"]) / sum(s["unet_steps"]) for s in samples]))
     vae = float(np.median([per_call["vae_decoder"] / s["vae_decode"] for s in samples if s["vae_decode"] > 0]))
-    result = {"unet_gflop_per_call": per_call["unet"] / 1e9, "unet_flops_per_s": unet, "vae_flops_per_s": vae}
+    result = {"unet_gflop_per_call": step / 1e9, "unet_flops_per_s": unet, "vae_flops_per_s": vae}
     peak = peak_for(run.definition.precision, machine)
     if run.load.get("device", "cpu") != "cpu":
         result["reason"] = "runs on a GPU: no GPU peak was measured"
@@ -120,7 +123,7 @@ def path_summary(run: PathRun, reference: PathRun | None, session, config) -> di
         latency=lat,
         it_per_s=steps / lat["unet_total"]["median"],
         images_per_s=config.batch / lat["total"]["median"],
-        efficiency=efficiency(run, run.samples, session.flops, session.machine),
+        efficiency=efficiency(run, run.samples, session.flops, session.machine, session.subject.info.denoiser),
         fidelity=fidelity_against(run, reference, config.deterministic),
         samples=run.samples,
     )

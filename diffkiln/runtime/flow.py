@@ -114,6 +114,8 @@ def flow_sigmas(config: Mapping, steps: int, image_seq_len: int) -> np.ndarray:
     config: a FlowMatchEulerDiscreteScheduler config (scheduler_config.json); missing keys take its defaults.
     Dtypes follow diffusers: the pipeline's float64 linspace is cast to float32 before shifting, so the shift and
     shift_terminal stretch run in float32; Karras/exponential conversions run in float64 and are cast back.
+    `use_dynamic_shifting=False` ignores image_seq_len (no mu), as diffusers does. A config with the pipeline key
+    `use_flow_sigmas` (FluxPipeline then passes no sigmas) spaces the training range in float64 instead.
     """
     cfg = _flow_config(config)
     if steps < 1:
