@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast lint format bench bench-export clean
+.PHONY: install test test-fast lint format bench bench-export cpp clean
 
 install: $(BIN)/diffkiln
 
@@ -15,6 +15,12 @@ $(BIN)/diffkiln: pyproject.toml
 	$(BIN)/pip install -q -e ".[export,dev,openvino]"
 	$(BIN)/diffkiln export demo  # the default model of `run`, exported into the user cache once (~8 s)
 	@touch $@
+
+# the C++ runtime (cpp/): diffkiln_rt + diffkiln-cpp, against the OpenVINO wheel's C++ SDK (headers, libs, CMake config)
+cpp: install
+	cmake -S cpp -B cpp/build -DCMAKE_BUILD_TYPE=Release \
+	  -DOpenVINO_DIR="$$($(BIN)/python -c 'import openvino, os; print(os.path.join(os.path.dirname(openvino.__file__), "cmake"))')"
+	cmake --build cpp/build -j2
 
 test: install
 	$(BIN)/pytest
@@ -37,4 +43,4 @@ bench-export: install
 	$(BIN)/python benchmarks/export_memory.py sd15 sdxl
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache cpp/build
