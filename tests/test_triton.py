@@ -330,6 +330,26 @@ def test_pipeline_model_gives_the_runtimes_image(kiln_fixture, request, tmp_path
     model.finalize()
 
 
+def test_flux_pipeline_model_gives_the_runtimes_image(tmp_path, model_config, monkeypatch):
+    from diffkiln.exporter import export, open_source
+    from diffkiln.runtime.pipelines import open_pipeline
+
+    kiln_dir = tmp_path / "flux"
+    export(open_source("tiny-flux"), kiln_dir, log=lambda _: None)
+    repo = triton.export_triton(kiln_dir, tmp_path / "repo", log=lambda _: None)
+    fake = FakeTriton(repo, model_config)
+    model = load_model_py(repo, fake, monkeypatch)
+    request = Request(fake.module, PROMPT="a red circle", STEPS=2)
+    (response,) = model.execute([request])
+    assert not response.has_error(), response.error().message()
+    image = fake.module.get_output_tensor_by_name(response, "IMAGE").as_numpy()
+    assert fake.calls == ["text_encoder", "text_encoder_2", "transformer", "transformer", "vae_decoder"]
+    with open_pipeline(kiln_dir) as pipe:
+        expected = pipe(GenerationParams("a red circle", steps=2, guidance=3.5)).to_uint8()  # Flux's default
+    assert np.array_equal(image, expected)
+    model.finalize()
+
+
 def test_hostile_outputs_are_refused(repo, tiny_kiln, tmp_path):
     with pytest.raises(OutputError, match="lies inside the input"):
         triton.export_triton(tiny_kiln, tiny_kiln / "triton", log=lambda _: None)

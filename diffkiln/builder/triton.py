@@ -122,9 +122,11 @@ def write_model(folder: Path, files: dict[str, Path], config: str) -> dict[str, 
 def served_components(kiln_dir: Path, manifest: dict) -> list[str]:
     """The components that become models: what the pipeline runs (refused when missing, as the runtime would)
     and the VAE encoder when the kiln has one; each graph's I/O must be the contract the manifest records."""
-    encoders = ["text_encoder", "text_encoder_2"] if manifest["pipeline"]["kind"] == "sdxl" else ["text_encoder"]
+    kind = manifest["pipeline"]["kind"]
+    encoders = ["text_encoder", "text_encoder_2"] if kind in ("sdxl", "flux") else ["text_encoder"]
+    denoiser = "transformer" if kind == "flux" else "unet"
     names = []
-    for name in (*encoders, "unet", "vae_decoder", "vae_encoder"):
+    for name in (*encoders, denoiser, "vae_decoder", "vae_encoder"):
         record = manifest["components"].get(name)
         graph = inside(kiln_dir, record["path"], f"components.{name}.path") if record else None
         if graph is None or not graph.is_file():

@@ -18,7 +18,8 @@ import numpy as np
 
 from diffkiln import kiln
 from diffkiln.errors import DiffkilnError
-from diffkiln.runtime.pipeline import GenerationParams, Pipeline
+from diffkiln.runtime.pipeline import GenerationParams
+from diffkiln.runtime.pipelines import open_pipeline
 from diffkiln.runtime.runners import Runner
 from diffkiln.runtime.schedulers import SAMPLERS
 
@@ -84,9 +85,10 @@ def bls_runners(manifest: dict):
     return make
 
 
-def request_params(request) -> GenerationParams:
-    """The request's inputs as GenerationParams (absent optional inputs keep diffkiln run's defaults)."""
-    values = {}
+def request_params(request, guidance: float = 7.5) -> GenerationParams:
+    """The request's inputs as GenerationParams (absent optional inputs keep diffkiln run's defaults; `guidance`
+    is the model's: SD's CFG 7.5, Flux's distilled 3.5)."""
+    values = {"guidance": guidance}
     for name, data_type, field in INPUTS:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
@@ -118,7 +120,8 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         folder = Path(__file__).resolve().parent / KILN_FOLDER
         manifest = kiln.read_manifest(folder)
-        self.pipe = Pipeline(folder, runner_factory=bls_runners(manifest), local_graphs=False)
+        self.pipe = open_pipeline(folder, runner_factory=bls_runners(manifest), local_graphs=False)
+        self.guidance = 3.5 if self.pipe.denoiser == "transformer" else 7.5
 
     def execute(self, requests: list) -> list:
         return [self._respond(request) for request in requests]
@@ -126,7 +129,7 @@ class TritonPythonModel:
     def _respond(self, request):
         """One response; a setting diffkiln refuses (or a component model's failure) is that request's error."""
         try:
-            images = self.pipe(request_params(request)).to_uint8()
+            images = self.pipe(request_params(request, self.guidance)).to_uint8()
         except DiffkilnError as e:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e)))
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT[0], images)])

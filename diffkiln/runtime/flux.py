@@ -69,13 +69,16 @@ class FluxPipeline(Pipeline):
             self.close()
             raise
 
+    def size_for(self, params: GenerationParams) -> tuple[int, int]:
+        if params.image is not None:  # before any size is derived from the image
+            raise DiffkilnError("img2img is not offered for Flux kiln dirs yet; drop --image")
+        return super().size_for(params)
+
     def __call__(self, params: GenerationParams, on_step=None) -> Result:
         """Generate `params.batch` images; `params.guidance` is the distilled guidance, `params.true_cfg` > 1
         with a negative prompt runs true classifier-free guidance."""
         start, timings = time.perf_counter(), Timings()
         params.check()
-        if params.image is not None:
-            raise DiffkilnError("img2img is not offered for Flux kiln dirs yet; drop --image")
         if params.scheduler != "euler":
             raise DiffkilnError(f"Flux samples with flow-matching Euler: use --sampler euler, not {params.scheduler}")
         height, width = self.size_for(params)
