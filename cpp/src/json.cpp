@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "diffkiln/runtime.hpp"
+#include "diffkiln/tokenizer.hpp"
 
 namespace diffkiln::json {
 namespace {
@@ -133,23 +134,7 @@ class Parser {
     return u;
   }
 
-  static void put_utf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-      out += char(cp);
-    } else if (cp < 0x800) {
-      out += char(0xC0 | (cp >> 6));
-      out += char(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += char(0xE0 | (cp >> 12));
-      out += char(0x80 | ((cp >> 6) & 0x3F));
-      out += char(0x80 | (cp & 0x3F));
-    } else {
-      out += char(0xF0 | (cp >> 18));
-      out += char(0x80 | ((cp >> 12) & 0x3F));
-      out += char(0x80 | ((cp >> 6) & 0x3F));
-      out += char(0x80 | (cp & 0x3F));
-    }
-  }
+  static void put_utf8(std::string& out, uint32_t cp) { out += unicode::encode_utf8({cp}); }
 
   std::string string() {
     ++i_;  // the opening quote
