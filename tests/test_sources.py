@@ -18,7 +18,16 @@ PROMPTS = ["a photo of a cat", "A RED circle, on a blue background!!", "it's 8k 
 
 
 def test_presets_describe_their_pipelines():
-    assert set(PRESETS) == {"tiny", "tiny-sdxl", "sd15", "sd21", "sdxl"}
+    assert set(PRESETS) == {"tiny", "tiny-sdxl", "sd15", "sd21", "sdxl", "tiny-flux", "flux-shaped"}
+    flux = open_source("flux-shaped").info
+    assert (flux.kind, flux.text_hidden, flux.cross_attention_dim, flux.latent_channels) == (
+        "flux",
+        (768, 4096),
+        4096,
+        16,
+    )
+    assert (flux.text_sequence, flux.t5_vocab_size, flux.guidance_embeds, flux.sample_size) == (512, 32128, True, 128)
+    assert (flux.text_embeds_dim, flux.scaling_factor, flux.shift_factor) == (768, 0.3611, 0.1159)
     tiny, xl, sd21, sd15 = (open_source(n).info for n in ("tiny", "tiny-sdxl", "sd21", "sd15"))
     assert (tiny.kind, tiny.text_hidden, tiny.cross_attention_dim) == ("sd1", (32,), 32)
     assert (xl.kind, xl.text_hidden, xl.text_embeds_dim, xl.time_ids_dim) == ("sdxl", (32, 32), 32, 6)

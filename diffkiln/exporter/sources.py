@@ -136,6 +136,7 @@ class FolderSource(Source):
 
     kind = "folder"
     REQUIRED = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+    text_encoders: tuple[Path, ...] | None = None  # Flux: single-file CLIP-L and T5 instead of the folder's
 
     def __init__(self, path: Path, text_encoders: tuple[Path, Path] | None = None):
         self.path = path.resolve()
