@@ -55,17 +55,8 @@ def model_index(info: PipelineInfo, configs: dict[str, dict], scheduler: dict, b
     if base:
         return dict(base)
     if info.is_flux:
-        return {
-            "_class_name": "FluxPipeline",
-            "_diffusers_version": str(configs.get("transformer", {}).get("_diffusers_version", "0.30.0")),
-            "scheduler": ["diffusers", str(scheduler.get("_class_name", "FlowMatchEulerDiscreteScheduler"))],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "T5EncoderModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "T5TokenizerFast"],
-            "transformer": ["diffusers", "FluxTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
+        version = str(configs.get("transformer", {}).get("_diffusers_version", "0.30.0"))
+        return flux_model_index(version, str(scheduler.get("_class_name", "FlowMatchEulerDiscreteScheduler")))
     sdxl = info.is_sdxl
     index = {
         "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
@@ -88,6 +79,21 @@ def model_index(info: PipelineInfo, configs: dict[str, dict], scheduler: dict, b
     else:
         index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     return dict(sorted(index.items()))
+
+
+def flux_model_index(diffusers_version: str, scheduler: str = "FlowMatchEulerDiscreteScheduler") -> dict:
+    """A FluxPipeline folder's model_index.json (diffkiln's exports and `save_as_folder` write the same)."""
+    return {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": diffusers_version,
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
 
 
 def _architecture(config: dict | None, default: str) -> str:

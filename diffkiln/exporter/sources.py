@@ -410,16 +410,10 @@ def save_as_folder(source: PresetSource, path: Path) -> Path:
 def _save_flux_folder(source: PresetSource, path: Path) -> Path:
     import diffusers
 
+    from diffkiln.interop import flux_model_index
+
     index = {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        **flux_model_index(diffusers.__version__),
         "image_encoder": [None, None],
         "feature_extractor": [None, None],
     }
