@@ -310,3 +310,19 @@ def test_single_file_text_encoders_give_the_folders_embeddings(flux_folder, flux
         assert all(np.array_equal(a, b) for a, b in zip(want, got, strict=True)), name
     bad = CliRunner().invoke(main, [*args, swapped, "-o", str(tmp_path / "k2")])
     assert bad.exit_code == 1 and "not a CLIP text encoder" in bad.output and not (tmp_path / "k2").exists()
+
+
+def test_tensorrt_profiles_for_flux(flux_kiln):
+    """Engine profiles: image tokens follow the latent sides (2×2 patches), the T5 length the kiln's, and one row
+    per image (Flux's guidance is an input, not a [uncond; cond] batch)."""
+    from diffkiln.builder.build import BuildRequest, plan_build
+    from diffkiln.builder.profiles import ShapeRequest
+
+    shapes = ShapeRequest(batch=(1, 1, 1), height=(64, 64, 64), width=(128, 128, 128), static=True)
+    plans = plan_build(flux_kiln, kiln.read_manifest(flux_kiln), BuildRequest(shapes))
+    t = plans["transformer"]["profiles"]
+    assert t["hidden_states"] == ((1, 32, 16),) * 3 and t["img_ids"][0] == (32, 3) and t["txt_ids"][0] == (32, 3)
+    assert t["guidance"][0] == t["timestep"][0] == (1,)
+    assert plans["text_encoder_2"]["profiles"]["input_ids"][0] == (1, 32)
+    dynamic = plan_build(flux_kiln, kiln.read_manifest(flux_kiln), BuildRequest())["transformer"]["profiles"]
+    assert dynamic["hidden_states"][0][1] < dynamic["hidden_states"][2][1]  # a token range for the size range

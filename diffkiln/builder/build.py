@@ -73,11 +73,12 @@ def plan_build(kiln_dir: Path, manifest: dict, request: BuildRequest) -> dict[st
     if unknown:
         raise DiffkilnError(f"{kiln_dir} has no component {unknown[0]!r} (it has {', '.join(names)})")
     plans = {}
+    cfg = manifest["pipeline"].get("kind") != "flux"  # Flux's guidance is distilled: no [uncond; cond] batch
     for name in request.components or names:
         source_sha256, precision = engines.graph_facts(manifest, name)
         plans[name] = {
             "onnx": kiln.model_path(kiln_dir, name),
-            "profiles": input_profiles(name, manifest["components"][name].get("contract", {}), request.shapes),
+            "profiles": input_profiles(name, manifest["components"][name].get("contract", {}), request.shapes, cfg),
             "precision": precision,
             "source_sha256": source_sha256,
         }

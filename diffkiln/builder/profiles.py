@@ -5,7 +5,8 @@ range for each; a build request narrows them: `--batch MIN:OPT:MAX` (images per 
 in pixels (`MIN:OPT:MAX` or one value), `--static` (min = opt = max: CUDA graphs can be captured). The text
 encoders and the UNet run the CFG batch (uncond + cond in one call), so their opt and max batch are doubled; the
 min stays, for runs without guidance (g ≤ 1 skips the uncond half). A static profile holds the CFG batch only.
-Pure Python.
+Flux's guidance is distilled (an input, one row per image): its profiles are not doubled (true CFG, 2 rows per
+image, fits a dynamic profile whose max allows it). Pure Python.
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ from dataclasses import dataclass
 from diffkiln.errors import DiffkilnError
 from diffkiln.specs import VAE_SCALE
 
-CFG_COMPONENTS = (
-    "text_encoder",
-    "text_encoder_2",
-    "unet",
-    "transformer",
-)  # [neg; pos] rows with (true) CFG  # they take [uncond, cond] in one batch
+CFG_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # they take [uncond; cond] in one batch
 
 
 def parse_range(text: str | None, what: str) -> tuple[int, int, int] | None:
@@ -49,7 +45,9 @@ class ShapeRequest:
     static: bool = False
 
 
-def dim_ranges(component: str, contract_profile: dict, request: ShapeRequest) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(
+    component: str, contract_profile: dict, request: ShapeRequest, cfg: bool = True
+) -> dict[str, tuple[int, int, int]]:
     """{symbol: (min, opt, max)} for every symbolic dim of one component."""
     ranges = {k: tuple(v) for k, v in contract_profile.items()}
     if request.batch:
@@ -60,7 +58,7 @@ def dim_ranges(component: str, contract_profile: dict, request: ShapeRequest) ->
         if any(p % VAE_SCALE for p in pixels):
             raise DiffkilnError(f"--{side} must be multiples of {VAE_SCALE} pixels, not {':'.join(map(str, pixels))}")
         ranges[side] = tuple(p // VAE_SCALE for p in pixels)
-    if component in CFG_COMPONENTS and "batch" in ranges:
+    if cfg and component in CFG_COMPONENTS and "batch" in ranges:
         low, opt, high = ranges["batch"]
         ranges["batch"] = (low, 2 * opt, 2 * high)
     if request.static:
@@ -75,10 +73,12 @@ def dim_ranges(component: str, contract_profile: dict, request: ShapeRequest) ->
     return ranges
 
 
-def input_profiles(component: str, contract: dict, request: ShapeRequest) -> dict[str, tuple[tuple[int, ...], ...]]:
+def input_profiles(
+    component: str, contract: dict, request: ShapeRequest, cfg: bool = True
+) -> dict[str, tuple[tuple[int, ...], ...]]:
     """{input name: (min shape, opt shape, max shape)} for one component, the form TensorRT's
     `IOptimizationProfile.set_shape` takes. Fixed dims stay fixed; a symbol without a range is refused."""
-    ranges = dim_ranges(component, contract.get("profile", {}), request)
+    ranges = dim_ranges(component, contract.get("profile", {}), request, cfg)
     profiles = {}
     for tensor in contract.get("inputs", []):
         shapes = [[], [], []]
