@@ -326,3 +326,29 @@ def test_tensorrt_profiles_for_flux(flux_kiln):
     assert plans["text_encoder_2"]["profiles"]["input_ids"][0] == (1, 32)
     dynamic = plan_build(flux_kiln, kiln.read_manifest(flux_kiln), BuildRequest())["transformer"]["profiles"]
     assert dynamic["hidden_states"][0][1] < dynamic["hidden_states"][2][1]  # a token range for the size range
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("text_sequence", 10**9, "pipeline.text_sequence is 1000000000, outside 0..4096"),
+        ("guidance_embeds", "yes", "pipeline.guidance_embeds is not true or false"),
+        ("shift_factor", float("inf"), "pipeline.shift_factor"),
+        ("kind", "flux2", "pipeline.kind is 'flux2'"),
+    ],
+)
+def test_a_lying_flux_manifest_is_refused(flux_kiln, tmp_path, field, value, fragment):
+    import json
+    import shutil
+
+    crafted = shutil.copytree(flux_kiln, tmp_path / "kiln")
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["pipeline"][field] = value
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in crafted.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(main, ["run", "a cat", "-m", str(crafted), "-o", str(tmp_path / "x.png")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and fragment in lines[0], result.output
+    assert not (tmp_path / "x.png").exists() and before == {
+        p: p.read_bytes() for p in crafted.rglob("*") if p.is_file()
+    }
