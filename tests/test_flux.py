@@ -91,6 +91,7 @@ def test_cli_run_on_the_preset_writes_a_png(flux_kiln, tmp_path):
     out = tmp_path / "f.png"
     result = CliRunner().invoke(main, ["run", "a cat", "-m", str(flux_kiln), "--steps", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
+    assert "transformer total (2 steps)" in result.output and "unet" not in result.output
     with Image.open(out) as img:
         assert img.size == (64, 64) and "CFG scale: 3.5" in img.text["parameters"]
     bad = CliRunner().invoke(main, ["run", "a cat", "-m", str(flux_kiln), "--sampler", "ddim", "-o", str(out)])

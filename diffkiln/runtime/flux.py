@@ -77,7 +77,7 @@ class FluxPipeline(Pipeline):
     def __call__(self, params: GenerationParams, on_step=None) -> Result:
         """Generate `params.batch` images; `params.guidance` is the distilled guidance, `params.true_cfg` > 1
         with a negative prompt runs true classifier-free guidance."""
-        start, timings = time.perf_counter(), Timings()
+        start, timings = time.perf_counter(), Timings(denoiser="transformer")
         params.check()
         if params.scheduler != "euler":
             raise DiffkilnError(f"Flux samples with flow-matching Euler: use --sampler euler, not {params.scheduler}")

@@ -58,7 +58,7 @@ def generate(
     for i, (image, path) in enumerate(zip(result.to_uint8(), paths, strict=True)):
         meta = {"index": i, "kiln_dir": str(kiln_dir), "backend": backend}
         images.save_image(image, path, {"parameters": text, "diffkiln": meta})
-    echo(f"  {'backend':24s} {backend:>10s}")
+    echo(f"  {'backend':28s} {backend:>10s}")
     _print_timings(result.timings, echo)
     for path in paths:
         echo(f"wrote {path}")
@@ -99,7 +99,7 @@ def _with_progress(pipe: Pipeline, params: GenerationParams):
 
 def _print_timings(timings, echo) -> None:
     for name, seconds in timings.rows():
-        echo(f"  {name:24s} {seconds * 1000:10.1f} ms")
+        echo(f"  {name:28s} {seconds * 1000:10.1f} ms")
     steps = len(timings.unet_steps)
     if steps and timings.unet_total:
-        echo(f"  {'it/s':24s} {steps / timings.unet_total:10.2f}")
+        echo(f"  {'it/s':28s} {steps / timings.unet_total:10.2f}")

@@ -82,6 +82,7 @@ class Timings:
     unet_steps: list[float] = field(default_factory=list)
     vae_decode: float = 0.0
     total: float = 0.0
+    denoiser: str = "unet"  # what `unet_steps` timed: the UNet, or Flux's transformer
 
     @property
     def unet_total(self) -> float:
@@ -93,8 +94,8 @@ class Timings:
         if self.vae_encode:
             rows.append(("vae encode", self.vae_encode))
         rows += [
-            (f"unet total ({len(self.unet_steps)} steps)", self.unet_total),
-            ("unet per step", self.unet_total / n),
+            (f"{self.denoiser} total ({len(self.unet_steps)} steps)", self.unet_total),
+            (f"{self.denoiser} per step", self.unet_total / n),
             ("vae decode", self.vae_decode),
             ("total", self.total),
         ]
